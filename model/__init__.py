@@ -1,0 +1,1 @@
+"""Plain-PyTorch decoder models. Nothing here imports deepspeed or torch.distributed."""

@@ -1,0 +1,1 @@
+"""Korean-centric SentencePiece tokenizer: training, Hugging Face files, loading by path."""
