@@ -1,0 +1,98 @@
+"""Token shards on disk: a writer that hashes as it goes, and memory-mapped readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "hangang-shards-v1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends token arrays to `{prefix}_{i:05d}.bin` files of at most `shard_tokens` tokens each."""
+
+    def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._fh = None
+        self._hash = None
+        self._n = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}_{len(self.shards):05d}.bin"
+        self._fh = open(self.out_dir / name, "wb")
+        self._hash = hashlib.sha256()
+        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+        self._n = 0
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.shards[-1].update(tokens=self._n, sha256=self._hash.hexdigest())
+            self._fh = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        while tokens.size:
+            if self._fh is None or self._n >= self.shard_tokens:
+                self._close()
+                self._open()
+            take = min(tokens.size, self.shard_tokens - self._n)
+            chunk = tokens[:take].tobytes()
+            self._fh.write(chunk)
+            self._hash.update(chunk)
+            self._n += take
+            tokens = tokens[take:]
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """Load `manifest.json` of a prepared directory, with a clear error when it is not one."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no prepared data at {str(data_dir)!r} (missing {MANIFEST}): run "
+            f"`python -m data_pipeline.prepare data=NAME tokenizer.path=TOK out={data_dir}` first, or fix data.path"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: re-run prepare")
+    return manifest
+
+
+class TokenStream:
+    """Read-only view over the concatenated shards of a split, memory-mapped (no copy into RAM)."""
+
+    def __init__(self, data_dir: str | Path, shards: list[dict], dtype: str) -> None:
+        self.maps = [
+            np.memmap(Path(data_dir) / s["file"], dtype=np.dtype(dtype), mode="r") for s in shards if s["tokens"]
+        ]
+        self.offsets = np.cumsum([0] + [len(m) for m in self.maps])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, crossing shard boundaries when needed."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while filled < length:
+            local = start + filled - int(self.offsets[i])
+            take = min(length - filled, len(self.maps[i]) - local)
+            out[filled : filled + take] = self.maps[i][local : local + take]
+            filled += take
+            i += 1
+        return out

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Launch pretraining with torchrun on one node or many.
+#
+# One node, all its GPUs:
+#   bash launch/torchrun.sh experiment=ko_tiny run.dir=runs/exp1
+# Many nodes: run the same command on every node with NNODES, NODE_RANK and MASTER_ADDR set
+# (MASTER_ADDR = the first node's hostname), e.g. on 2 nodes of 8 GPUs:
+#   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash launch/torchrun.sh experiment=ko_tiny run.dir=/shared/runs/exp1
+#   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash launch/torchrun.sh experiment=ko_tiny run.dir=/shared/runs/exp1
+# run.dir, tokenizer.path and data.path must be on storage every node sees.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+NNODES=${NNODES:-1}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=2  # CPU: two gloo processes
+fi
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-hangang}
+
+exec "$PY" -m torch.distributed.run \
+  --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
+  -m train.pretrain "$@"

@@ -1,0 +1,28 @@
+"""Hangang: an open pretraining framework for Korean-centric foundation models."""
+
+from setuptools import setup
+
+setup(
+    name="hangang",
+    version="0.1.0",
+    description="Pretrain Korean-centric LLMs on licensed data with DeepSpeed ZeRO, from one node to many",
+    python_requires=">=3.10",
+    packages=["model", "tokenizer", "data_pipeline", "train", "launch"],
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "sentencepiece>=0.2",
+        "datasets>=3.0",
+        "wandb>=0.18",
+        "hydra-core>=1.3",
+        "safetensors>=0.4",
+        "numpy",
+        "pyarrow",
+        "tqdm",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "hf": ["transformers>=4.45", "tokenizers>=0.20"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+    },
+)

@@ -1,0 +1,37 @@
+"""Helpers shared by tests: real subprocess runs of the entry points, and the shipped sample data config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+
+
+def run_module(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None, check: bool = True):
+    """Run `python -m ...` (or torchrun when args[0] == 'torchrun') as a real process; returns CompletedProcess."""
+    base = [sys.executable, "-m", "torch.distributed.run"] if args[0] == "torchrun" else [sys.executable, "-m"]
+    cmd = base + list(args[1:] if args[0] == "torchrun" else args)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def sample_data_config(**overrides):
+    """The shipped ko_sample data config as a DataConfig, paths made absolute so tests may run anywhere."""
+    from omegaconf import OmegaConf
+
+    from data_pipeline.config import DataConfig
+
+    raw = OmegaConf.load(REPO / "configs" / "data" / "ko_sample.yaml")
+    for src in raw.sources.values():
+        src.paths = [str(REPO / p) for p in src.paths]
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw, overrides)
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, loop, checkpoints, logging, and the entry points (python -m train.X)."""

@@ -1,0 +1,92 @@
+"""Turn a validated PretrainConfig into the objects of a run; every check that can fail runs before any collective."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import DistributedBatchLoader, PackedSequences
+from data_pipeline.shards import read_manifest
+from model.config import ModelConfig
+from train import checkpoint
+from train.config import PretrainConfig
+from train.layout import BatchLayout, make_layout
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided from config and files alone, before processes talk to each other."""
+
+    cfg: PretrainConfig
+    model: ModelConfig
+    layout: BatchLayout
+    manifest: dict
+    tokenizer_sha256: str
+    resume_tag: str | None
+
+
+def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
+    """Check the config against the tokenizer, the prepared data and any checkpoint in run.dir."""
+    from tokenizer.tokenizer import Tokenizer
+
+    if not cfg.run.dir or cfg.run.dir == "???":
+        raise ValueError("set run.dir=DIR: where this run writes config.yaml, metrics.jsonl and checkpoints/")
+    if not cfg.tokenizer.path:
+        raise ValueError("set tokenizer.path=DIR: a tokenizer trained by `python -m tokenizer.train`")
+    if not cfg.data.path:
+        raise ValueError("set data.path=DIR: token shards written by `python -m data_pipeline.prepare`")
+    tok = Tokenizer.from_dir(cfg.tokenizer.path)
+    manifest = read_manifest(cfg.data.path)
+    if manifest["tokenizer"]["sha256"] != tok.sha256:
+        raise ValueError(
+            f"data.path={cfg.data.path} was tokenized with tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}…, "
+            f"but tokenizer.path={cfg.tokenizer.path} has {tok.sha256[:12]}…: re-run prepare with this tokenizer, or "
+            "point tokenizer.path at the one the data was made with"
+        )
+    model = cfg.model
+    if model.vocab_size == 0:
+        model = dataclasses.replace(model, vocab_size=tok.vocab_size)
+    elif model.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if cfg.train.seq_len > model.max_seq_len:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if model.attn_backend == "flash_attn":
+        from model.attention import load_flash_attn
+
+        load_flash_attn()  # fails here, with its own message, rather than after the processes have started
+    layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is not None:
+        if cfg.checkpoint.resume == "never":
+            raise ValueError(
+                f"{ckpt_dir} already holds checkpoint {tag} and checkpoint.resume=never: use a new run.dir"
+            )
+        checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir, tag), model, tok.sha256, ckpt_dir / tag)
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag)
+
+
+def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
+    """On CPU, share the cores between the ranks of this node instead of oversubscribing them."""
+    if not torch.cuda.is_available():
+        n = cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world_size)
+        torch.set_num_threads(n)
+
+
+def build_model(model: ModelConfig, seed: int):
+    """Same seed on every rank, so every rank starts from identical weights."""
+    from model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(model)
+
+
+def build_data(plan: Plan, rank: int, world_size: int) -> tuple[DistributedBatchLoader, PackedSequences | None]:
+    t = plan.cfg.train
+    train = PackedSequences(plan.cfg.data.path, "train", t.seq_len)
+    loader = DistributedBatchLoader(train, t.micro_batch_size, plan.layout.grad_accum, rank, world_size, t.seed)
+    val = PackedSequences(plan.cfg.data.path, "val", t.seq_len)
+    return loader, (val if len(val) >= world_size else None)

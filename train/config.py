@@ -1,0 +1,220 @@
+"""Typed configuration of a pretraining run, registered in Hydra's ConfigStore as the schema of `configs/train.yaml`.
+
+An unknown key or a wrong type fails when Hydra composes the config; value checks run in `__post_init__` when the
+entry point converts the composed config to these dataclasses (`OmegaConf.to_object`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from data_pipeline.config import DataConfig
+from model.config import ModelConfig
+from tokenizer.config import TokenizerConfig
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("auto", "fp32", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` (cosine and WSD)."""
+    weight_decay: float = 0.1
+    """Applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    schedule: str = "cosine"
+    """cosine | wsd (warmup-stable-decay) | constant (after warmup)."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    """WSD: share of `train.max_steps` spent decaying at the end."""
+
+    def __post_init__(self) -> None:
+        if self.name != "adamw":
+            raise ValueError(f"optim.name={self.name!r}: only adamw is available")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError("optim.decay_fraction must be in (0, 1]")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO stage, offload and communication settings passed to `deepspeed.initialize`."""
+
+    zero_stage: int = 2
+    """0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) sharded across ranks."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU (ZeRO-Offload; stages 1-3)."""
+    offload_param: bool = False
+    """Keep parameters on CPU (ZeRO-Infinity; stage 3 only)."""
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    backend: str = "auto"
+    """torch.distributed backend: auto = nccl on CUDA, gloo on CPU."""
+    timeout_minutes: int = 30
+    """Collective timeout: a stalled rank ends the job instead of hanging for ever."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"deepspeed.backend={self.backend!r}: choose auto, gloo or nccl")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings; offline runs land in RUN_DIR/wandb/."""
+
+    mode: str = "offline"
+    """offline (default) | online | disabled."""
+    project: str = "hangang"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode={self.mode!r}: choose one of {WANDB_MODES}")
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often metrics go."""
+
+    log_every: int = 1
+    """Optimizer steps between metrics.jsonl / W&B lines."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The optimization run: length, batch layout, precision, evaluation."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    seq_len: int = 256
+    global_batch_tokens: int = 8192
+    """Tokens per optimizer step across all ranks = seq_len x micro_batch_size x grad_accum x world_size."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16."""
+    eval_every: int = 100
+    """Steps between validation runs (also at the start and the end); 0 disables validation."""
+    eval_sequences: int = 64
+    """Validation sequences per evaluation (the first ones of the validation split, so always the same)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for MFU; null = a known GPU's bf16 dense peak, or a measured CPU matmul rate."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
+    exit_after_steps: int | None = None
+    """Save a checkpoint and exit after this many steps of this launch (time-limited jobs; resume tests)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype={self.dtype!r}: choose one of {DTYPES}")
+        for key in ("max_steps", "seq_len", "global_batch_tokens", "micro_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints under RUN_DIR/checkpoints/."""
+
+    every_steps: int = 100
+    """Steps between checkpoints (and one at the end); 0 = only at the end."""
+    resume: str = "auto"
+    """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints."""
+    keep_last: int = 3
+    """Checkpoints kept (oldest deleted first); 0 keeps all."""
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"checkpoint.resume={self.resume!r}: choose auto or never")
+
+
+@dataclass
+class RunConfig:
+    """The run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/."""
+
+    dir: str = "???"
+    name: str | None = None
+
+
+@dataclass
+class PretrainConfig:
+    """Root of `configs/train.yaml`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class EvalConfig:
+    """`python -m train.evaluate` settings."""
+
+    text_files: list[str] = field(default_factory=list)
+    seq_len: int | None = None
+    """Window length; null = the run's train.seq_len."""
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """Root of `configs/evaluate.yaml`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ExportConfig:
+    """Root of `configs/export.yaml`: `python -m train.export run.dir=DIR out=HF_DIR`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    out: str = "???"
+    tag: str | None = None
+    """Checkpoint tag to export; null = latest."""
+
+
+def register_configs() -> None:
+    """Register root schemas so Hydra validates every composed config against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=PretrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
+
+
+register_configs()

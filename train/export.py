@@ -1,0 +1,64 @@
+"""`python -m train.export run.dir=DIR out=HF_DIR`: a run's checkpoint as a Hugging Face LlamaForCausalLM directory.
+
+Writes config.json, generation_config.json, model.safetensors and the tokenizer files, so that
+`AutoModelForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)` load it offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import ExportConfig
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export(run_dir: str, out: str, tag: str | None = None) -> dict:
+    from model.config import ModelConfig
+    from train.checkpoint import load_full_weights
+    from train.hf_export import save_hf_model
+    from train.run_dir import run_tokenizer
+
+    state, meta = load_full_weights(Path(run_dir), tag)
+    tok, tok_dir = run_tokenizer(run_dir, meta)
+    cfg = ModelConfig(**meta["model"])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_hf_model(out_dir, state, cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, out_dir / name)
+    info = {
+        "out": str(out_dir),
+        "run_dir": str(run_dir),
+        "tag": meta["tag"],
+        "step": meta["step"],
+        "architecture": "LlamaForCausalLM",
+        "tokenizer_sha256": tok.sha256,
+    }
+    (out_dir / "hangang_export.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg: ExportConfig = OmegaConf.to_object(raw)
+        info = export(cfg.run.dir, cfg.out, cfg.tag)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("HANGANG_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

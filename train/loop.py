@@ -1,0 +1,150 @@
+"""The training loop: steps, periodic validation and checkpoints; parallelism lives in the engine it is handed."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import DistributedBatchLoader, PackedSequences, iter_eval_batches
+from train import checkpoint
+from train.callbacks import Callback
+from train.config import PretrainConfig
+from train.engine import Dist, all_reduce_mean, all_reduce_sum, full_state_dict
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    """Runs optimizer steps on a DeepSpeed engine; rank 0 reports through callbacks."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        d: Dist,
+        engine,
+        scheduler,
+        loader: DistributedBatchLoader,
+        val_data: PackedSequences | None,
+        callbacks: list[Callback],
+        meta: dict,
+        flops_per_token: float,
+        peak_flops: float,
+    ) -> None:
+        self.cfg, self.d, self.engine, self.scheduler = cfg, d, engine, scheduler
+        self.loader, self.val_data, self.callbacks, self.meta = loader, val_data, callbacks, meta
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+        self.step = 0
+        self.last_val_loss: float | None = None
+
+    def resume(self, tag: str) -> None:
+        state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+
+    def log(self, metrics: dict) -> None:
+        if self.d.is_main:
+            for cb in self.callbacks:
+                cb.on_log(self.step, metrics)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss on the first `train.eval_sequences` validation sequences (same ones every time)."""
+        if self.val_data is None:
+            return None
+        t = self.cfg.train
+        per_rank = min(len(self.val_data), t.eval_sequences) // self.d.world_size  # equal work on every rank
+        self.engine.eval()
+        total, count = 0.0, 0
+        batches = iter_eval_batches(
+            self.val_data, t.micro_batch_size, per_rank * self.d.world_size, self.d.rank, self.d.world_size
+        )
+        for x, y in batches:
+            loss = self.engine(x.to(self.d.device), y.to(self.d.device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.engine.train()
+        total, count = all_reduce_sum([total, count], self.d.device)
+        return total / count if count else None
+
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            return float(norm)
+        return float("nan")
+
+    def _stage0_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def save(self) -> None:
+        state = {"step": self.step, "loader": self.loader.state_dict()}
+        weights = full_state_dict(self.engine)
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.meta, weights, self.cfg.checkpoint.keep_last)
+
+    def fit(self) -> dict:
+        """Train to `train.max_steps`; returns a summary (first/last validation loss, tokens/s)."""
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        layout_tokens = self.loader.global_batch * t.seq_len
+        first_val = None
+        if t.eval_every and self.step == 0:
+            first_val = self.last_val_loss = self.evaluate()
+            if first_val is not None:
+                self.log({"val_loss": first_val, "tokens": 0})
+        zero0 = self.cfg.deepspeed.zero_stage == 0
+        rates: list[float] = []
+        loss = math.nan
+        stop_at = t.max_steps if t.exit_after_steps is None else min(t.max_steps, self.step + t.exit_after_steps)
+        while self.step < stop_at:
+            start = time.perf_counter()
+            micro = self.loader.next_step()
+            lr = self.engine.optimizer.param_groups[0]["lr"]
+            loss_sum, grad_norm = 0.0, math.nan
+            for i, (x, y) in enumerate(micro):
+                out = self.engine(x.to(self.d.device), y.to(self.d.device))
+                self.engine.backward(out)
+                if zero0 and i == len(micro) - 1:
+                    grad_norm = self._stage0_grad_norm()  # DeepSpeed does not report it without ZeRO
+                self.engine.step()
+                loss_sum += out.item()
+            self.step += 1
+            (loss,) = all_reduce_mean([loss_sum / len(micro)], self.d.device)
+            if not zero0:
+                grad_norm = self._grad_norm()
+            elapsed = time.perf_counter() - start
+            tokens_per_s = layout_tokens / elapsed
+            rates.append(tokens_per_s)
+            metrics = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.d.world_size),
+                "tokens": self.loader.consumed * t.seq_len,
+                "step_time_s": elapsed,
+                "peak_mem_gb": peak_memory_gb(self.d.device),
+            }
+            last = self.step == t.max_steps
+            if t.eval_every and (self.step % t.eval_every == 0 or last):
+                self.last_val_loss = metrics["val_loss"] = self.evaluate()
+            if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last:
+                self.log(metrics)
+            if (ck.every_steps and self.step % ck.every_steps == 0) or self.step == stop_at:
+                self.save()
+        steady = rates[1:] or rates  # the first step pays for warm-up
+        return {
+            "steps": self.step,
+            "loss": loss,
+            "first_val_loss": first_val,
+            "val_loss": self.last_val_loss,
+            "tokens_per_s": sum(steady) / len(steady) if steady else None,
+        }

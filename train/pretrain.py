@@ -1,0 +1,96 @@
+"""`torchrun --nproc_per_node=N -m train.pretrain experiment=NAME run.dir=DIR [overrides]`: pretrain a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import PretrainConfig
+
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+
+def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
+    from model.flops import flops_per_token
+    from train import build
+    from train.callbacks import MetricsJsonl, Progress, Wandb
+    from train.checkpoint import model_meta
+    from train.engine import build_engine, init_distributed
+    from train.loop import Trainer
+    from train.mfu import peak_flops
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = build.plan_run(cfg, world)
+    d = init_distributed(cfg.deepspeed)
+    build.set_threads(cfg, d.local_world_size)
+    model = build.build_model(plan.model, cfg.train.seed)
+    engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
+    loader, val = build.build_data(plan, d.rank, d.world_size)
+    run_dir = Path(cfg.run.dir)
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    resolved["model"]["vocab_size"] = plan.model.vocab_size
+    callbacks = []
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        callbacks.append(MetricsJsonl(run_dir))
+        if cfg.logging.wandb.mode != "disabled":
+            callbacks.append(Wandb(cfg.logging, run_dir, resolved, cfg.run.name))
+        if cfg.logging.progress:
+            callbacks.append(Progress(cfg.train.max_steps, 0))
+    meta = model_meta(
+        plan.model,
+        plan.tokenizer_sha256,
+        zero_stage=cfg.deepspeed.zero_stage,
+        world_size=d.world_size,
+        seq_len=cfg.train.seq_len,
+        data_path=str(cfg.data.path),
+        tokenizer_path=str(cfg.tokenizer.path),
+    )
+    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else peak_flops(d.device)
+    trainer = Trainer(
+        cfg, d, engine, scheduler, loader, val, callbacks, meta, flops_per_token(plan.model, cfg.train.seq_len), peak
+    )
+    try:
+        if plan.resume_tag:
+            trainer.resume(plan.resume_tag)
+            if d.is_main:
+                print(f"[pretrain] resumed from {run_dir / 'checkpoints' / plan.resume_tag}", file=sys.stderr)
+                for cb in callbacks:
+                    if isinstance(cb, Progress):
+                        cb.bar.update(trainer.step)
+                        cb.last = trainer.step
+        summary = trainer.fit()
+    finally:
+        for cb in callbacks:
+            cb.close()
+    if d.is_main:
+        summary = {"run_dir": str(run_dir), **summary}
+        print(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    try:
+        cfg: PretrainConfig = OmegaConf.to_object(raw)
+        run(cfg, raw)
+    except USER_ERRORS as err:
+        if os.environ.get("HANGANG_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
