@@ -90,9 +90,11 @@ class DistributedBatchLoader:
 
 
 def iter_eval_batches(data: PackedSequences, micro_batch_size: int, max_sequences: int, dp_rank: int, dp_size: int):
-    """The first `max_sequences` validation sequences in order, split across ranks; yields (input_ids, labels)."""
+    """`max_sequences` validation sequences spread evenly over the split (so every source is represented, and the
+    same ones every time), divided across ranks; yields (input_ids, labels)."""
     n = min(len(data), max_sequences)
-    mine = list(range(dp_rank, n, dp_size))
+    chosen = np.linspace(0, len(data) - 1, n).round().astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+    mine = chosen[dp_rank::dp_size].tolist()
     for i in range(0, len(mine), micro_batch_size):
         batch = torch.from_numpy(np.stack([data[j] for j in mine[i : i + micro_batch_size]]))
         yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

@@ -27,6 +27,9 @@ class TokenizerConfig:
     num_threads: int = 0
     """SentencePiece trainer threads; 0 = all cores."""
     seed: int = 0
+    """Seed of SentencePiece's random generator (sampling of training lines)."""
+    verbose: bool = False
+    """Show SentencePiece's own (very long) training log."""
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:

@@ -125,7 +125,7 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation runs (also at the start and the end); 0 disables validation."""
     eval_sequences: int = 64
-    """Validation sequences per evaluation (the first ones of the validation split, so always the same)."""
+    """Validation sequences per evaluation, spread evenly over the validation split (always the same ones)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; null = a known GPU's bf16 dense peak, or a measured CPU matmul rate."""
     threads_per_rank: int = 0

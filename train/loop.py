@@ -58,7 +58,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token loss on the first `train.eval_sequences` validation sequences (same ones every time)."""
+        """Mean token loss on `train.eval_sequences` validation sequences spread over the split (always the same)."""
         if self.val_data is None:
             return None
         t = self.cfg.train

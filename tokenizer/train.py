@@ -1,0 +1,167 @@
+"""Train a SentencePiece tokenizer on a data config's sources.
+
+    python -m tokenizer.train tokenizer=ko8k data=ko_sample out=DIR
+
+DIR receives tokenizer.model plus the Hugging Face files (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import sentencepiece as spm
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+from data_pipeline.config import DataConfig
+from tokenizer.config import TokenizerConfig
+from tokenizer.hf import write_hf_files
+from tokenizer.tokenizer import BOS_ID, EOS_ID, MODEL_FILE, PAD_ID, SPECIAL_PIECES, UNK_ID, normalize
+
+MAX_TRAINING_LINES = 5_000_000
+"""SentencePiece samples at most this many lines (shuffled), bounding trainer memory and time."""
+
+
+@dataclass
+class TokenizerTrainRoot:
+    """Root schema of configs/tokenizer_train.yaml."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = MISSING
+    """Output directory of the trained tokenizer."""
+
+
+ConfigStore.instance().store(name="tokenizer_train_schema", node=TokenizerTrainRoot)
+
+
+def _log(msg: str) -> None:
+    print(f"[tokenizer.train] {msg}", file=sys.stderr, flush=True)
+
+
+def split_line(line: str, max_bytes: int) -> Iterator[str]:
+    """Pieces of `line` of at most max_bytes UTF-8 bytes, cut on character boundaries; nothing is dropped."""
+    data = line.encode("utf-8")
+    if len(data) <= max_bytes:
+        yield line
+        return
+    start = 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        if end < len(data):
+            # Prefer cutting before a space, so no word is split in two; else step back off continuation bytes.
+            space = data.rfind(b" ", start + max_bytes // 2, end)
+            if space > start:
+                end = space
+            else:
+                while end > start + 1 and data[end] & 0xC0 == 0x80:
+                    end -= 1
+                # max_bytes smaller than this character: take the whole character.
+                while end < len(data) and data[end] & 0xC0 == 0x80:
+                    end += 1
+        yield data[start:end].decode("utf-8")
+        start = end
+
+
+def training_lines(texts: Iterable[str], max_chars: int, max_line_bytes: int) -> Iterator[str]:
+    """NFC lines of the documents (empty lines skipped), until max_chars characters have been yielded."""
+    n_chars = 0
+    for text in texts:
+        # SentencePiece learns from lines; newlines themselves are encoded by byte fallback.
+        for line in normalize(text).split("\n"):
+            for piece in split_line(line, max_line_bytes) if line else ():
+                yield piece
+                n_chars += len(piece)
+                if n_chars >= max_chars:
+                    return
+
+
+def canonical_model_bytes(model_path: Path) -> bytes:
+    """The model without the trainer's temporary paths and thread count, so equal training gives an equal sha256."""
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    for name in ("input", "model_prefix", "num_threads"):
+        proto.trainer_spec.ClearField(name)
+    return proto.SerializeToString(deterministic=True)
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | Path) -> Path:
+    """Train on the first cfg.max_chars characters of `texts`; write tokenizer.model and the HF files to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tokenizer_train_") as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        n_chars = n_lines = 0
+        next_report = 1_000_000
+        with open(corpus, "w", encoding="utf-8") as f:
+            for line in training_lines(texts, cfg.max_chars, cfg.max_sentence_length):
+                f.write(line + "\n")
+                n_chars += len(line)
+                n_lines += 1
+                if n_chars >= next_report:
+                    _log(f"collected {n_chars:,} chars ({n_lines:,} lines)")
+                    next_report += 1_000_000
+        if n_lines == 0:
+            raise ValueError("no training text: the sources yielded no non-empty lines")
+        _log(f"collected {n_chars:,} chars in {n_lines:,} lines (max_chars={cfg.max_chars:,}); training...")
+
+        spm.set_random_generator_seed(cfg.seed)
+        start = time.perf_counter()
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "tokenizer"),
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
+            split_digits=cfg.split_digits,
+            # We apply NFC ourselves and keep every whitespace, so decode(encode(x)) == NFC(x).
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            pad_piece=SPECIAL_PIECES[PAD_ID],
+            bos_piece=SPECIAL_PIECES[BOS_ID],
+            eos_piece=SPECIAL_PIECES[EOS_ID],
+            unk_piece=SPECIAL_PIECES[UNK_ID],
+            max_sentence_length=cfg.max_sentence_length,
+            input_sentence_size=MAX_TRAINING_LINES,
+            shuffle_input_sentence=True,
+            num_threads=cfg.num_threads or os.cpu_count() or 1,
+            train_extremely_large_corpus=False,
+            minloglevel=0 if cfg.verbose else 2,
+        )
+        _log(f"trained {cfg.model_type} vocab {cfg.vocab_size} in {time.perf_counter() - start:.1f} s")
+        # Replace atomically, so a reader never sees a half-written model.
+        tmp_model = out / (MODEL_FILE + ".tmp")
+        tmp_model.write_bytes(canonical_model_bytes(Path(tmp) / "tokenizer.model"))
+        os.replace(tmp_model, out / MODEL_FILE)
+    write_hf_files(out / MODEL_FILE, out)
+    _log(f"wrote {out}")
+    return out
+
+
+@hydra.main(config_path="../configs", config_name="tokenizer_train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    root: TokenizerTrainRoot = OmegaConf.to_object(cfg)  # builds the dataclasses, running their checks
+    # Imported here: data_pipeline imports tokenizer, so a module-level import could become a cycle.
+    from data_pipeline.sources import iter_texts
+
+    train_tokenizer(iter_texts(root.data), root.tokenizer, root.out)
+
+
+if __name__ == "__main__":
+    main()

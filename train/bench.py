@@ -1,0 +1,220 @@
+"""Training-step throughput of our Transformer vs Hugging Face LlamaForCausalLM of the same shape.
+
+    python -m train.bench model=tiny bench.seq_len=256 bench.micro_batch_size=8 bench.steps=10
+
+Prints one JSON line per model, then a JSON summary (ours, with the peer nested and the speedup) as the last line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from model.config import ModelConfig
+from model.flops import flops_per_token
+from model.transformer import Transformer, num_params
+from train.hf_export import hf_llama_config, to_hf_state_dict
+from train.mfu import peak_flops
+
+HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
+
+
+@dataclass
+class BenchConfig:
+    """One synthetic-token training benchmark (forward + backward + AdamW step, one process)."""
+
+    seq_len: int = 1024
+    micro_batch_size: int = 4
+    steps: int = 20
+    """Timed steps."""
+    warmup: int = 3
+    """Untimed steps first (allocator, kernel autotuning, lazy init)."""
+    peer: bool = True
+    """Also time transformers' LlamaForCausalLM with the same config, weights and batch."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) or a torch device string."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"bench.dtype={self.dtype!r}: choose auto, fp32 or bf16")
+        for key in ("seq_len", "micro_batch_size", "steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"bench.{key} must be positive, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise ValueError(f"bench.warmup must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class BenchRoot:
+    """Schema of configs/bench.yaml (registered as `bench_schema`): an unknown key fails at compose time."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchRoot)
+
+
+def _reset_peak_mem(device: torch.device) -> float:
+    """Start a peak-memory window; returns the baseline (bytes) that `_peak_mem` subtracts."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    try:  # Linux: restart the max-RSS high-water mark at the current RSS, so the second model is measured alone
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # ru_maxrss is KiB on Linux
+
+
+def _release_cpu_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them resident), so the next RSS window starts clean."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_mem(device: torch.device, baseline: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - baseline
+
+
+def time_training(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+    bc: BenchConfig,
+    device: torch.device,
+    bf16: bool,
+) -> tuple[float, float]:
+    """bc.warmup untimed then bc.steps timed AdamW steps on loss_fn(model); returns (timed seconds, first loss)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = first_loss = None
+    for i in range(bc.warmup + bc.steps):
+        if i == bc.warmup:
+            sync()
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        first_loss = loss.detach() if first_loss is None else first_loss  # .item() later: no sync while timing
+    sync()
+    return time.perf_counter() - start, first_loss.item()
+
+
+def measure(
+    impl: str,
+    build: Callable[[], torch.nn.Module],
+    loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+    cfg: ModelConfig,
+    bc: BenchConfig,
+    device: torch.device,
+    bf16: bool,
+) -> dict:
+    """Build a model inside a fresh peak-memory window, time it, print and return its JSON record."""
+    base = _reset_peak_mem(device)
+    model = build()
+    seconds, loss = time_training(model, loss_fn, bc, device, bf16)
+    tps = bc.micro_batch_size * bc.seq_len * bc.steps / seconds
+    result = {
+        "impl": impl,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": cfg.name,
+        "params": num_params(model),
+        "seq_len": bc.seq_len,
+        "micro_batch_size": bc.micro_batch_size,
+        "dtype": "bf16" if bf16 else "fp32",
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(flops_per_token(cfg, bc.seq_len) * tps / peak_flops(device), 4),
+        "peak_mem_gb": round(_peak_mem(device, base) / 1e9, 3),
+        "peak_mem_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss_delta",
+        "first_loss": round(loss, 4),
+    }
+    print(json.dumps(result), flush=True)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        _release_cpu_memory()
+    return result
+
+
+def build_ours(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    with torch.device(device):
+        model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def build_peer(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """LlamaForCausalLM with cfg's shape, matching attention kernel and the same initial weights."""
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = hf_llama_config(cfg, bos_id=1, eos_id=2, pad_id=0)
+    hf_cfg._attn_implementation = HF_ATTN[cfg.attn_backend]
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg)
+    hf_sd = to_hf_state_dict(sd, cfg)
+    if cfg.tie_embeddings:
+        hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"]  # listed by the HF state dict even when tied
+    model.load_state_dict(hf_sd, strict=True)
+    return model
+
+
+def run(root: BenchRoot) -> dict:
+    """Benchmark ours, then the peer unless bench.peer=false; returns the summary (ours + peer + speedup)."""
+    bc = root.bench
+    device = torch.device(bc.device if bc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and device.type == "cuda")
+    cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000)
+    if bc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"bench.seq_len={bc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    torch.manual_seed(bc.seed)
+    tokens = torch.randint(cfg.vocab_size, (bc.micro_batch_size, bc.seq_len + 1)).to(device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each; y already shifted
+    # Initial weights drawn once on the CPU, outside both memory windows, and loaded into both models.
+    init_sd = Transformer(cfg).state_dict()
+    ours = measure("hangang", lambda: build_ours(cfg, init_sd, device), lambda m: m(x, labels=y), cfg, bc, device, bf16)
+    summary = dict(ours, peer=None, speedup=None)
+    if bc.peer:
+        peer = measure(
+            "transformers",
+            lambda: build_peer(cfg, init_sd, device),
+            lambda m: m(input_ids=x, labels=y, shift_labels=y).loss,  # shift_labels: y is already shifted
+            cfg,
+            bc,
+            device,
+            bf16,
+        )
+        summary.update(peer=peer, speedup=round(ours["tokens_per_s"] / peer["tokens_per_s"], 3))
+    return summary
+
+
+@hydra.main(config_path="../configs", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    root = OmegaConf.to_object(cfg)  # runs the dataclass __post_init__ checks
+    print(json.dumps(run(root)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
