@@ -20,8 +20,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
+from data_pipeline.cli import to_object_strict, user_errors
 from data_pipeline.config import DataConfig
 from data_pipeline.shards import FORMAT, MANIFEST, ShardWriter, token_dtype
 from data_pipeline.sources import check_licenses, iter_source, resolve_files
@@ -125,19 +125,14 @@ def prepare(data: DataConfig, tok: Tokenizer, tokenizer_path: str, out: str | Pa
 
 @hydra.main(config_path="../configs", config_name="prepare", version_base="1.3")
 def main(cfg) -> None:
-    try:
-        root: PrepareRoot = OmegaConf.to_object(cfg)
+    with user_errors():
+        root: PrepareRoot = to_object_strict(cfg)
         if root.out == "???" or not root.out:
             raise ValueError("set out=DIR: where to write the token shards and manifest.json")
         if not root.tokenizer.path:
             raise ValueError("set tokenizer.path=DIR: a tokenizer trained by `python -m tokenizer.train`")
         tok = Tokenizer.from_dir(root.tokenizer.path)
         manifest = prepare(root.data, tok, root.tokenizer.path, root.out, log=lambda m: print(m, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("HANGANG_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     splits = {k: v["tokens"] for k, v in manifest["splits"].items()}
     print(json.dumps({"out": root.out, "tokens": splits, "seconds": manifest["seconds"]}))
 

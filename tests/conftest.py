@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import sample_data_config
+from tests.helpers import sample_data_config, torchrun_pretrain, train_args
 
 
 def pytest_configure(config):
@@ -36,3 +36,13 @@ def tiny_data(tiny_tokenizer, tmp_path_factory) -> Path:
     data = sample_data_config(max_docs_per_source=300, val_fraction=0.1)
     prepare(data, Tokenizer.from_dir(tiny_tokenizer), str(tiny_tokenizer), out, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_tokenizer, tiny_data, tmp_path_factory) -> Path:
+    """A finished 10-step, 2-process ZeRO-2 run with offline W&B (checkpoints at steps 5 and 10)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "zero2"
+    torchrun_pretrain(
+        *train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", "logging.wandb.mode=offline")
+    )
+    return run_dir

@@ -35,3 +35,33 @@ def sample_data_config(**overrides):
         src.paths = [str(REPO / p) for p in src.paths]
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw, overrides)
     return OmegaConf.to_object(cfg)
+
+
+STEPS = 10
+
+
+def train_args(tok: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides of a 10-step, 2-rank run of the nano model on the session's tiny data."""
+    return [
+        "model=nano",
+        f"tokenizer.path={tok}",
+        f"data.path={data}",
+        f"run.dir={run_dir}",
+        "train.seq_len=64",
+        "train.global_batch_tokens=512",
+        "train.micro_batch_size=2",
+        f"train.max_steps={STEPS}",
+        "train.eval_every=5",
+        "train.eval_sequences=8",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        "checkpoint.every_steps=5",
+        "logging.wandb.mode=disabled",
+        "logging.progress=false",
+        *extra,
+    ]
+
+
+def torchrun_pretrain(*args: str, check: bool = True):
+    """`torchrun --nproc_per_node=2 -m train.pretrain ARGS` on CPU (gloo), as a real job."""
+    return run_module("torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain", *args, check=check)

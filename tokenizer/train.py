@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 import sentencepiece as spm
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from data_pipeline.config import DataConfig
@@ -156,11 +156,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
 
 @hydra.main(config_path="../configs", config_name="tokenizer_train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    root: TokenizerTrainRoot = OmegaConf.to_object(cfg)  # builds the dataclasses, running their checks
     # Imported here: data_pipeline imports tokenizer, so a module-level import could become a cycle.
+    from data_pipeline.cli import to_object_strict, user_errors
     from data_pipeline.sources import iter_texts
 
-    train_tokenizer(iter_texts(root.data), root.tokenizer, root.out)
+    with user_errors():
+        root: TokenizerTrainRoot = to_object_strict(cfg)  # builds the dataclasses, running their checks
+        train_tokenizer(iter_texts(root.data), root.tokenizer, root.out)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from data_pipeline.cli import to_object_strict, user_errors
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer, num_params
@@ -212,8 +213,9 @@ def run(root: BenchRoot) -> dict:
 
 @hydra.main(config_path="../configs", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    root = OmegaConf.to_object(cfg)  # runs the dataclass __post_init__ checks
-    print(json.dumps(run(root)), flush=True)
+    with user_errors():
+        root = to_object_strict(cfg)  # runs the dataclass __post_init__ checks
+        print(json.dumps(run(root)), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from data_pipeline.cli import to_object_strict, user_errors
 from train.config import EvaluateConfig
 
 
@@ -71,15 +71,10 @@ def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_si
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        cfg: EvaluateConfig = OmegaConf.to_object(raw)
+    with user_errors():
+        cfg: EvaluateConfig = to_object_strict(raw)
         e = cfg.eval
         results = evaluate_files(cfg.run.dir, list(e.text_files), e.seq_len, e.batch_size, e.device)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("HANGANG_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(results, ensure_ascii=False))
 
 

@@ -7,14 +7,13 @@ Writes config.json, generation_config.json, model.safetensors and the tokenizer 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from data_pipeline.cli import to_object_strict, user_errors
 from train.config import ExportConfig
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -49,14 +48,9 @@ def export(run_dir: str, out: str, tag: str | None = None) -> dict:
 
 @hydra.main(config_path="../configs", config_name="export", version_base="1.3")
 def main(raw: DictConfig) -> None:
-    try:
-        cfg: ExportConfig = OmegaConf.to_object(raw)
+    with user_errors():
+        cfg: ExportConfig = to_object_strict(raw)
         info = export(cfg.run.dir, cfg.out, cfg.tag)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("HANGANG_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(info))
 
 

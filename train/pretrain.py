@@ -10,9 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipeline.cli import to_object_strict, user_errors
 from train.config import PretrainConfig
-
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 
 def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
@@ -78,13 +77,9 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> None:
     try:
-        cfg: PretrainConfig = OmegaConf.to_object(raw)
-        run(cfg, raw)
-    except USER_ERRORS as err:
-        if os.environ.get("HANGANG_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        with user_errors():
+            cfg: PretrainConfig = to_object_strict(raw)
+            run(cfg, raw)
     finally:
         import torch.distributed as dist
 

@@ -8,34 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_module
-
-STEPS = 10
-
-
-def train_args(tok: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "model=nano",
-        f"tokenizer.path={tok}",
-        f"data.path={data}",
-        f"run.dir={run_dir}",
-        "train.seq_len=64",
-        "train.global_batch_tokens=512",
-        "train.micro_batch_size=2",
-        f"train.max_steps={STEPS}",
-        "train.eval_every=5",
-        "train.eval_sequences=8",
-        "optim.warmup_steps=2",
-        "optim.lr=1e-3",
-        "checkpoint.every_steps=5",
-        "logging.wandb.mode=disabled",
-        "logging.progress=false",
-        *extra,
-    ]
-
-
-def torchrun(*args: str):
-    return run_module("torchrun", "--nproc_per_node=2", "--master_port=0", "-m", "train.pretrain", *args)
+from tests.helpers import STEPS, run_module, torchrun_pretrain, train_args
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -49,16 +22,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
+def zero_runs(trained_run, tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
+    """The same 10-step run under ZeRO stages 0-3 (stage 2 is the session's `trained_run`)."""
     root = tmp_path_factory.mktemp("zero")
-    runs = {}
-    for stage in (0, 1, 2, 3):
-        run_dir = root / f"zero{stage}"
-        extra = [f"deepspeed.zero_stage={stage}"]
-        if stage == 2:
-            extra.append("logging.wandb.mode=offline")
-        torchrun(*train_args(tiny_tokenizer, tiny_data, run_dir, *extra))
-        runs[stage] = run_dir
+    runs = {2: trained_run}
+    for stage in (0, 1, 3):
+        runs[stage] = root / f"zero{stage}"
+        torchrun_pretrain(*train_args(tiny_tokenizer, tiny_data, runs[stage], f"deepspeed.zero_stage={stage}"))
     return runs
 
 
@@ -108,10 +78,10 @@ def test_zero0_grad_norm_matches_zero2(zero_runs):
 def test_resume_reproduces_uninterrupted_run(zero_runs, tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "resumed"
     args = train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", "train.exit_after_steps=4")
-    torchrun(*args)  # stops after step 4 with a checkpoint, as if preempted
+    torchrun_pretrain(*args)  # stops after step 4 with a checkpoint, as if preempted
     assert max(losses(run_dir)) == 4
-    torchrun(*args)  # the same command resumes: steps 5-8
-    torchrun(*args)  # steps 9-10
+    torchrun_pretrain(*args)  # the same command resumes: steps 5-8
+    torchrun_pretrain(*args)  # steps 9-10
     assert losses(run_dir) == losses(zero_runs[2])  # exact, not approximate
 
 

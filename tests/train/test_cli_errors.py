@@ -1,0 +1,88 @@
+"""Bad input stops with one clear error naming the problem and the fix, and a non-zero exit, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import run_module, torchrun_pretrain, train_args
+
+
+def pretrain(*args: str):
+    """Single process, no torchrun: every check below runs before processes would talk to each other."""
+    return run_module("train.pretrain", *args, check=False, timeout=120)
+
+
+@pytest.fixture
+def args(tiny_tokenizer, tiny_data, tmp_path):
+    return train_args(tiny_tokenizer, tiny_data, tmp_path / "run")
+
+
+def test_unknown_config_key(args):
+    proc = pretrain(*args, "+train.max_stepz=3")
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr and "TrainConfig" in proc.stderr
+
+
+def test_unknown_key_without_plus(args):
+    proc = pretrain(*args, "model.d_modle=3")
+    assert proc.returncode != 0 and "d_modle" in proc.stderr
+
+
+def test_wrong_type(args):
+    proc = pretrain(*args, "train.max_steps=ten")
+    assert proc.returncode != 0 and "max_steps" in proc.stderr
+
+
+def test_missing_data_path(args, tmp_path):
+    proc = pretrain(*args, f"data.path={tmp_path / 'nope'}")
+    assert proc.returncode == 2
+    assert "no prepared data at" in proc.stderr and "data_pipeline.prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_batch_that_does_not_divide(args):
+    proc = pretrain(*args, "train.global_batch_tokens=576")  # 9 sequences of 64 into micro-batches of 2
+    assert proc.returncode == 2
+    assert "does not divide" in proc.stderr and "train.micro_batch_size=2" in proc.stderr
+
+
+def test_batch_that_does_not_divide_across_ranks(args):
+    proc = torchrun_pretrain(*args, "train.global_batch_tokens=640", check=False)  # 10 sequences, 2 x 2 per step
+    assert proc.returncode != 0
+    assert "does not divide into train.micro_batch_size=2 x 2 data-parallel ranks" in proc.stderr
+
+
+def test_global_batch_not_multiple_of_seq_len(args):
+    proc = pretrain(*args, "train.global_batch_tokens=500")
+    assert proc.returncode == 2 and "not a multiple of train.seq_len=64" in proc.stderr
+
+
+def test_flash_attn_requested_but_missing(args):
+    pytest.importorskip("torch")
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    proc = pretrain(*args, "model.attn_backend=flash_attn")
+    assert proc.returncode == 2
+    assert "flash-attn is not installed" in proc.stderr and "model.attn_backend=sdpa" in proc.stderr
+
+
+def test_invalid_value_is_named(args):
+    proc = pretrain(*args, "deepspeed.zero_stage=4")
+    assert proc.returncode == 2 and "deepspeed.zero_stage=4" in proc.stderr
+
+
+def test_tokenizer_that_does_not_match_the_data(args, tmp_path):
+    from data_pipeline.sources import iter_texts
+    from tests.helpers import sample_data_config
+    from tokenizer.config import TokenizerConfig
+    from tokenizer.train import train_tokenizer
+
+    other = tmp_path / "other_tok"
+    cfg = TokenizerConfig(vocab_size=1536, character_coverage=0.99, max_chars=100_000)
+    train_tokenizer(iter_texts(sample_data_config(), max_docs_per_source=100), cfg, other)
+    proc = pretrain(*args, f"tokenizer.path={other}")
+    assert proc.returncode == 2 and "was tokenized with tokenizer sha256" in proc.stderr
