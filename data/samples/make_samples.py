@@ -50,6 +50,11 @@ def main(corpora: Path) -> None:
         rows = list(csv.reader(fin))
     with open(HERE / "chatbot/chatbot-sample.csv", "w", encoding="utf-8", newline="") as fout:
         csv.writer(fout).writerows(rows[:1] + rows[1::2])
+    # Not Korean, not in the ko_sample mixture: small English and code samples for tokenizer tests.
+    _copy_license(corpora / "code", HERE / "code")
+    _head_jsonl(corpora / "code/cpython311_stdlib.jsonl", HERE / "code/cpython-sample.jsonl", 16)
+    _copy_license(corpora / "english_wiki", HERE / "english_wiki")
+    _head_jsonl(corpora / "english_wiki/wikitext2_test.jsonl", HERE / "english_wiki/wikitext-sample.jsonl", 6)
     json.dump({"made_from": str(corpora)}, sys.stdout)
 
 

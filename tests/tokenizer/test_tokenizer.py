@@ -24,7 +24,8 @@ from tokenizer.train import TokenizerTrainRoot, split_line, train_tokenizer, tra
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 REPO = Path(__file__).resolve().parents[2]
-CORPORA = Path(os.environ.get("HANGANG_CORPORA", REPO.parent / "shared" / "corpora"))
+SAMPLES = REPO / "data" / "samples"
+HELD_OUT = REPO / "data" / "eval"
 
 CASES = [
     "안녕하세요, 세계! 한국어 토크나이저입니다.",
@@ -46,43 +47,35 @@ CASES = [
 ]
 
 
+def _jsonl(path: Path, max_chars: int, skip: int = 0) -> list[str]:
+    out, n = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in itertools.islice(f, skip, None):
+            text = json.loads(line)["text"][: max_chars - n]
+            out.append(text)
+            n += len(text)
+            if n >= max_chars:
+                break
+    return out
+
+
 def _corpus_texts() -> list[str]:
-    """~300 KB of real text: Korean Wikipedia, Python code, a little English."""
-    if not CORPORA.is_dir():
-        pytest.skip(f"corpora not found at {CORPORA}; set HANGANG_CORPORA to /path/to/shared/corpora")
-
-    def jsonl(path: Path, max_chars: int, skip: int = 0) -> list[str]:
-        out, n = [], 0
-        with open(path, encoding="utf-8") as f:
-            for line in itertools.islice(f, skip, None):
-                text = json.loads(line)["text"][: max_chars - n]
-                out.append(text)
-                n += len(text)
-                if n >= max_chars:
-                    break
-        return out
-
+    """~150 KB of the repo's licensed samples: Korean Wikipedia, Python code, a little English."""
     return (
-        jsonl(CORPORA / "kowiki" / "kowiki-0000.jsonl", 90_000)
-        + jsonl(CORPORA / "code" / "cpython311_stdlib.jsonl", 40_000)
-        + jsonl(CORPORA / "english_wiki" / "wikitext2_test.jsonl", 15_000)
+        _jsonl(SAMPLES / "kowiki" / "kowiki-sample.jsonl", 90_000)
+        + _jsonl(SAMPLES / "code" / "cpython-sample.jsonl", 40_000)
+        + _jsonl(SAMPLES / "english_wiki" / "wikitext-sample.jsonl", 15_000)
     )
 
 
 def _held_out_texts() -> list[str]:
-    """Real lines and whole documents the test tokenizer did not see (Korean, reviews, code, statutes)."""
-    import pyarrow.parquet as pq
-
-    docs = []
-    with open(CORPORA / "kowiki" / "kowiki-0003.jsonl", encoding="utf-8") as f:
-        wiki = [json.loads(line)["text"] for line in itertools.islice(f, 20)]
-    docs += [line for text in wiki for line in text.split("\n")][:300] + wiki[:5]
-    docs += pq.read_table(CORPORA / "nsmc" / "nsmc-0001.parquet").slice(0, 200).column("text").to_pylist()
-    with open(CORPORA / "code" / "cpython311_stdlib.jsonl", encoding="utf-8") as f:
-        code = [json.loads(line)["text"] for line in itertools.islice(f, 300, 306)]
+    """Real lines and whole documents the test tokenizer did not see (Korean, reviews, code, court decisions)."""
+    wiki = (HELD_OUT / "kowiki_heldout.txt").read_text(encoding="utf-8").split("\n\n")
+    docs = [line for text in wiki for line in text.split("\n")][:300] + wiki
+    docs += (HELD_OUT / "nsmc_heldout.txt").read_text(encoding="utf-8").splitlines()[:200]
+    code = _jsonl(SAMPLES / "code" / "cpython-sample.jsonl", 10**9, skip=10)[:6]
     docs += [line for text in code for line in text.split("\n")][:200] + code
-    with open(CORPORA / "legal_kr" / "statutes.jsonl", encoding="utf-8") as f:
-        docs += [json.loads(line)["text"][:20_000] for line in itertools.islice(f, 2)]
+    docs += [t[:20_000] for t in _jsonl(SAMPLES / "legal_kr" / "precedents-sample.jsonl", 40_000, skip=30)]
     return docs
 
 
