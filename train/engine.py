@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,6 +50,8 @@ def init_distributed(ds: DeepSpeedConfig) -> Dist:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed still calls torch's deprecated all_gather_into_tensor once per step; the warning is noise to users.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=ds.timeout_minutes), verbose=False)
     return Dist(
         rank=dist.get_rank(),

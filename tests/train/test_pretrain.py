@@ -92,3 +92,12 @@ def test_resume_with_another_model_shape_is_refused(zero_runs, tiny_tokenizer, t
     )
     assert proc.returncode != 0
     assert "another shape" in proc.stderr and "model.d_model: checkpoint 64, config 128" in proc.stderr
+
+
+def test_zero3_offload_matches_zero0(zero_runs, tiny_tokenizer, tiny_data, tmp_path):
+    """ZeRO-3 with parameters and optimizer states on CPU (DeepSpeedCPUAdam) follows the same trajectory."""
+    run_dir = tmp_path / "offload"
+    torchrun_pretrain(*train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed=zero3_offload"))
+    ref, got = losses(zero_runs[0]), losses(run_dir)
+    for step, value in ref.items():
+        assert math.isclose(got[step], value, rel_tol=1e-4), (step, got[step], value)
