@@ -84,9 +84,15 @@ def build_model(model: ModelConfig, seed: int):
     return Transformer(model)
 
 
-def build_data(plan: Plan, rank: int, world_size: int) -> tuple[DistributedBatchLoader, PackedSequences | None]:
-    t = plan.cfg.train
-    train = PackedSequences(plan.cfg.data.path, "train", t.seq_len)
+def build_data(plan: Plan, rank: int, world_size: int):
+    """The training loader, the whole validation split, and each source's validation part (when big enough)."""
+    t, path = plan.cfg.train, plan.cfg.data.path
+    train = PackedSequences(path, "train", t.seq_len)
     loader = DistributedBatchLoader(train, t.micro_batch_size, plan.layout.grad_accum, rank, world_size, t.seed)
-    val = PackedSequences(plan.cfg.data.path, "val", t.seq_len)
-    return loader, (val if len(val) >= world_size else None)
+    val = PackedSequences(path, "val", t.seq_len)
+    sources = {}
+    for name in plan.manifest["sources"]:
+        part = PackedSequences(path, "val", t.seq_len, source=name)
+        if len(part) >= world_size:
+            sources[name] = part
+    return loader, (val if len(val) >= world_size else None), sources

@@ -125,6 +125,8 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation runs (also at the start and the end); 0 disables validation."""
     eval_sequences: int = 64
+    eval_per_source: bool = True
+    """Also report `val_loss/SOURCE` for each source's held-out documents (eval_sequences / sources each)."""
     """Validation sequences per evaluation, spread evenly over the validation split (always the same ones)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; null = a known GPU's bf16 dense peak, or a measured CPU matmul rate."""

@@ -34,22 +34,27 @@ class Trainer:
         scheduler,
         loader: DistributedBatchLoader,
         val_data: PackedSequences | None,
+        val_sources: dict[str, PackedSequences],
         callbacks: list[Callback],
         meta: dict,
         flops_per_token: float,
         peak_flops: float,
     ) -> None:
         self.cfg, self.d, self.engine, self.scheduler = cfg, d, engine, scheduler
-        self.loader, self.val_data, self.callbacks, self.meta = loader, val_data, callbacks, meta
+        self.loader, self.val_data, self.val_sources = loader, val_data, val_sources
+        self.callbacks, self.meta = callbacks, meta
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.ckpt_dir = Path(cfg.run.dir) / "checkpoints"
         self.step = 0
+        self.elapsed = 0.0  # wall seconds of training before this launch (restored on resume)
+        self._launch_start: float | None = None
         self.last_val_loss: float | None = None
 
     def resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed_s", 0.0))
 
     def log(self, metrics: dict) -> None:
         if self.d.is_main:
@@ -57,24 +62,32 @@ class Trainer:
                 cb.on_log(self.step, metrics)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean token loss on `train.eval_sequences` validation sequences spread over the split (always the same)."""
-        if self.val_data is None:
-            return None
-        t = self.cfg.train
-        per_rank = min(len(self.val_data), t.eval_sequences) // self.d.world_size  # equal work on every rank
-        self.engine.eval()
+    def _mean_loss(self, data: PackedSequences, sequences: int) -> float | None:
+        """Mean token loss on `sequences` validation sequences spread over `data` (always the same ones)."""
+        per_rank = min(len(data), sequences) // self.d.world_size  # equal work on every rank (ZeRO-3 collectives)
         total, count = 0.0, 0
-        batches = iter_eval_batches(
-            self.val_data, t.micro_batch_size, per_rank * self.d.world_size, self.d.rank, self.d.world_size
-        )
-        for x, y in batches:
+        for x, y in iter_eval_batches(
+            data, self.cfg.train.micro_batch_size, per_rank * self.d.world_size, self.d.rank, self.d.world_size
+        ):
             loss = self.engine(x.to(self.d.device), y.to(self.d.device))
             total += loss.item() * y.numel()
             count += y.numel()
-        self.engine.train()
         total, count = all_reduce_sum([total, count], self.d.device)
         return total / count if count else None
+
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss` over the whole validation split, and `val_loss/SOURCE` over each source's held-out part."""
+        if self.val_data is None:
+            return {}
+        t = self.cfg.train
+        self.engine.eval()
+        out = {"val_loss": self._mean_loss(self.val_data, t.eval_sequences)}
+        if t.eval_per_source:
+            share = max(self.d.world_size, t.eval_sequences // max(1, len(self.val_sources)))
+            for name, data in self.val_sources.items():
+                out[f"val_loss/{name}"] = self._mean_loss(data, share)
+        self.engine.train()
+        return {k: v for k, v in out.items() if v is not None}
 
     def _grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -86,8 +99,11 @@ class Trainer:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
+    def _elapsed_now(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._launch_start if self._launch_start else 0.0)
+
     def save(self) -> None:
-        state = {"step": self.step, "loader": self.loader.state_dict()}
+        state = {"step": self.step, "loader": self.loader.state_dict(), "elapsed_s": self._elapsed_now()}
         weights = full_state_dict(self.engine)
         checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.meta, weights, self.cfg.checkpoint.keep_last)
 
@@ -97,11 +113,13 @@ class Trainer:
         layout_tokens = self.loader.global_batch * t.seq_len
         first_val = None
         if t.eval_every and self.step == 0:
-            first_val = self.last_val_loss = self.evaluate()
-            if first_val is not None:
-                self.log({"val_loss": first_val, "tokens": 0})
+            val = self.evaluate()
+            first_val = self.last_val_loss = val.get("val_loss")
+            if val:
+                self.log({**val, "tokens": 0, "elapsed_s": 0.0})
         zero0 = self.cfg.deepspeed.zero_stage == 0
         rates: list[float] = []
+        launch_start = self._launch_start = time.perf_counter()
         loss = math.nan
         stop_at = t.max_steps if t.exit_after_steps is None else min(t.max_steps, self.step + t.exit_after_steps)
         while self.step < stop_at:
@@ -135,7 +153,9 @@ class Trainer:
             }
             last = self.step == t.max_steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):
-                self.last_val_loss = metrics["val_loss"] = self.evaluate()
+                metrics.update(self.evaluate())
+                self.last_val_loss = metrics.get("val_loss")
+            metrics["elapsed_s"] = self.elapsed + time.perf_counter() - launch_start
             if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last:
                 self.log(metrics)
             if (ck.every_steps and self.step % ck.every_steps == 0) or self.step == stop_at:

@@ -29,7 +29,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     build.set_threads(cfg, d.local_world_size)
     model = build.build_model(plan.model, cfg.train.seed)
     engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
-    loader, val = build.build_data(plan, d.rank, d.world_size)
+    loader, val, val_sources = build.build_data(plan, d.rank, d.world_size)
     run_dir = Path(cfg.run.dir)
     resolved = OmegaConf.to_container(raw, resolve=True)
     resolved["model"]["vocab_size"] = plan.model.vocab_size
@@ -53,7 +53,17 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     )
     peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else peak_flops(d.device)
     trainer = Trainer(
-        cfg, d, engine, scheduler, loader, val, callbacks, meta, flops_per_token(plan.model, cfg.train.seq_len), peak
+        cfg,
+        d,
+        engine,
+        scheduler,
+        loader,
+        val,
+        val_sources,
+        callbacks,
+        meta,
+        flops_per_token(plan.model, cfg.train.seq_len),
+        peak,
     )
     try:
         if plan.resume_tag:

@@ -50,6 +50,9 @@ def test_run_directory_contract(zero_runs):
         assert all(key in r for r in train_rows), key
     assert all(math.isfinite(r["grad_norm"]) for r in train_rows)
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
+    per_source = {k for r in rows for k in r if k.startswith("val_loss/")}
+    assert {"val_loss/kowiki", "val_loss/nsmc"} <= per_source, per_source
+    assert rows[-1]["elapsed_s"] > 0
     assert (run_dir / "config.yaml").read_text().count("zero_stage: 2") == 1
     tags = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert tags == ["step_00000005", "step_00000010"]
