@@ -165,6 +165,8 @@ class RunConfig:
 
     dir: str = "???"
     name: str | None = None
+    nproc_per_node: int = 0
+    """Processes per job when a Hydra sweep (-m) launches torchrun itself; 0 = all GPUs, or 2 on CPU."""
 
 
 @dataclass

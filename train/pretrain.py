@@ -86,6 +86,11 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> None:
+    from train.sweep import in_sweep, run_sweep_job
+
+    if in_sweep():
+        run_sweep_job(raw)  # each multirun job is its own torchrun job
+        return
     try:
         with user_errors():
             cfg: PretrainConfig = to_object_strict(raw)
