@@ -19,6 +19,8 @@ setup(
         "numpy",
         "pyarrow",
         "tqdm",
+        "matplotlib",
+        "pyyaml",
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
