@@ -26,5 +26,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20"],
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+        "eval": ["lm-eval>=0.4.5", "accelerate"],
+        "slurm": ["hydra-submitit-launcher>=1.2"],
     },
 )
