@@ -16,6 +16,14 @@ from train.config import PretrainConfig
 from train.engine import Dist, all_reduce_mean, all_reduce_sum, full_state_dict
 
 
+def current_memory_gb(device: torch.device) -> float:
+    """Memory in use now: GPU memory allocated, or on CPU the process's resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated, or on CPU the process's peak resident set size."""
     if device.type == "cuda":
@@ -46,6 +54,7 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.ckpt_dir = Path(cfg.run.dir) / "checkpoints"
         self.step = 0
+        self.base_mem_gb = 0.0  # memory in use before the model was built (framework overhead on CPU)
         self.elapsed = 0.0  # wall seconds of training before this launch (restored on resume)
         self._launch_start: float | None = None
         self.last_val_loss: float | None = None
@@ -150,6 +159,7 @@ class Trainer:
                 "tokens": self.loader.consumed * t.seq_len,
                 "step_time_s": elapsed,
                 "peak_mem_gb": peak_memory_gb(self.d.device),
+                "base_mem_gb": self.base_mem_gb,
             }
             last = self.step == t.max_steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):

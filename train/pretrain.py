@@ -20,13 +20,14 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     from train.callbacks import MetricsJsonl, Progress, Wandb
     from train.checkpoint import model_meta
     from train.engine import build_engine, init_distributed
-    from train.loop import Trainer
+    from train.loop import Trainer, current_memory_gb
     from train.mfu import peak_flops
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = build.plan_run(cfg, world)
     d = init_distributed(cfg.deepspeed)
     build.set_threads(cfg, d.local_world_size)
+    base_mem = current_memory_gb(d.device)
     model = build.build_model(plan.model, cfg.train.seed)
     engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
     loader, val, val_sources = build.build_data(plan, d.rank, d.world_size)
@@ -65,6 +66,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
         flops_per_token(plan.model, cfg.train.seq_len),
         peak,
     )
+    trainer.base_mem_gb = base_mem
     try:
         if plan.resume_tag:
             trainer.resume(plan.resume_tag)
