@@ -125,11 +125,11 @@ class Transformer(nn.Module):
         if labels is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        if not (self.cfg.moe.enabled or self.cfg.mtp.depth):
-            return loss  # the dense Llama path, unchanged
+        if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
+            return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
         stats = {"ce_loss": loss.detach()}
         total = loss
-        if self.training and self.cfg.mtp.depth:
+        if self.cfg.mtp.depth:
             mtp_losses = []
             h = x
             for k, module in enumerate(self.mtp, start=1):

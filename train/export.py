@@ -27,7 +27,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> dict:
 
     state, meta = load_full_weights(Path(run_dir), tag)
     tok, tok_dir = run_tokenizer(run_dir, meta)
-    cfg = ModelConfig(**meta["model"])
+    cfg = ModelConfig.from_dict(meta["model"])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_hf_model(out_dir, state, cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
