@@ -227,3 +227,17 @@ def test_deepseek_v2_lite_shape_has_published_size():
 def test_deepseek_1b_active_shape():
     cfg = load("deepseek_1b_active", vocab_size=32000)
     assert activated_params(cfg) == pytest.approx(1.0e9, rel=0.1)
+
+
+def test_expert_without_tokens_still_gets_a_gradient():
+    """Every expert weight takes part in every forward (empty slices included): no ZeRO-3 gather/reduce mismatch."""
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, top_k=1, ffn_hidden=8))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    moe.gate.e_score_correction_bias[0] = 10.0  # every token goes to expert 0
+    moe.train()
+    moe(torch.randn(2, 6, 16)).sum().backward()
+    assert moe.last_load.tolist() == [12, 0, 0, 0]
+    grad = moe.experts.gate_up_proj.grad
+    assert grad is not None and grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
