@@ -2,9 +2,97 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 ATTN_BACKENDS = ("sdpa", "flash_attn", "eager")
+ATTENTIONS = ("gqa", "mla")
+BALANCES = ("aux_free", "aux_loss")
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeekMoE: shared experts plus fine-grained routed experts with sigmoid top-k routing (DeepSeek-V3)."""
+
+    enabled: bool = False
+    """false = every layer is a dense SwiGLU MLP of `model.ffn_hidden`."""
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    """Always-on experts, fused into one SwiGLU of n_shared_experts * ffn_hidden (as DeepSeek and HF do)."""
+    top_k: int = 2
+    """Routed experts per token."""
+    ffn_hidden: int = 128
+    """Intermediate size of one expert (HF `moe_intermediate_size`)."""
+    first_k_dense: int = 1
+    """The first k layers keep a dense MLP of `model.ffn_hidden` (HF `first_k_dense_replace`)."""
+    n_group: int = 1
+    """Expert groups for group-limited routing; each token picks experts from only `topk_group` groups."""
+    topk_group: int = 1
+    route_scale: float = 1.0
+    """Gates (normalised over the selected experts) are multiplied by this (HF `routed_scaling_factor`)."""
+    balance: str = "aux_free"
+    """aux_free: per-expert selection bias moved by `gamma` after each step, plus a sequence-wise loss with
+    `seq_aux_alpha` | aux_loss: no bias; sequence-wise balance loss with `aux_loss_alpha` (DeepSeek-V2 style)."""
+    gamma: float = 1e-3
+    """Bias update speed (DeepSeek-V3: 0.001)."""
+    gamma_until: float = 1.0
+    """Schedule of gamma: gamma until this fraction of train.max_steps, then 0 (DeepSeek-V3 froze it for the last
+    ~3% of tokens: 14.3T of 14.8T)."""
+    seq_aux_alpha: float = 1e-4
+    """Weight of the complementary sequence-wise balance loss in aux_free mode (DeepSeek-V3: 0.0001)."""
+    aux_loss_alpha: float = 1e-2
+    """Weight of the sequence-wise balance loss in aux_loss mode."""
+    ep_size: int = 1
+    """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCES:
+            raise ValueError(f"model.moe.balance={self.balance!r}: choose one of {BALANCES}")
+        for key in ("n_routed_experts", "top_k", "ffn_hidden", "n_group", "topk_group", "ep_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.moe.{key} must be positive, got {getattr(self, key)}")
+        if self.n_shared_experts < 0 or self.first_k_dense < 0:
+            raise ValueError("model.moe.n_shared_experts and model.moe.first_k_dense must be >= 0")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"model.moe.n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            raise ValueError("model.moe: group-limited routing needs at least 2 experts per group")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"model.moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
+            raise ValueError(f"model.moe.top_k={self.top_k} exceeds the experts of {self.topk_group} groups")
+        if self.n_routed_experts % self.ep_size:
+            raise ValueError(f"model.moe.ep_size={self.ep_size} must divide n_routed_experts={self.n_routed_experts}")
+
+    def gamma_at(self, progress: float) -> float:
+        """Bias update speed at `progress` = step / max_steps (0 in aux_loss mode)."""
+        if self.balance != "aux_free":
+            return 0.0
+        return self.gamma if progress < self.gamma_until else 0.0
+
+    @property
+    def seq_alpha(self) -> float:
+        return self.seq_aux_alpha if self.balance == "aux_free" else self.aux_loss_alpha
+
+
+@dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3): `depth` sequential modules sharing the embedding and the output head."""
+
+    depth: int = 0
+    """0 disables MTP; D > 0 predicts D extra future tokens during training (never used at inference)."""
+    loss_weight: float = 0.3
+    """lambda: weight of the mean MTP loss until `weight_switch` of training (DeepSeek-V3: 0.3)."""
+    loss_weight_final: float = 0.1
+    """lambda after `weight_switch` (DeepSeek-V3: 0.1 for the last 4.8T of 14.8T tokens)."""
+    weight_switch: float = 0.7
+    """Fraction of train.max_steps at which lambda switches to `loss_weight_final`."""
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"model.mtp.depth must be >= 0, got {self.depth}")
+
+    def weight_at(self, progress: float) -> float:
+        return self.loss_weight if progress < self.weight_switch else self.loss_weight_final
 
 
 @dataclass
@@ -32,8 +120,37 @@ class ModelConfig:
     attn_backend: str = "sdpa"
     """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU) or eager (reference)."""
     init_std: float = 0.02
+    attention: str = "gqa"
+    """gqa (Llama: q/k/v/o with n_kv_heads) | mla (DeepSeek-V2/V3 multi-head latent attention; ignores n_kv_heads)."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the query compression (null = a full q_proj, as in DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 64
+    """MLA: width of the compressed KV latent (normalised by kv_a_layernorm)."""
+    qk_nope_head_dim: int = 32
+    """MLA: per-head query/key dims without RoPE."""
+    qk_rope_head_dim: int = 16
+    """MLA: decoupled RoPE dims (one RoPE key shared by all heads)."""
+    v_head_dim: int = 32
+    """MLA: per-head value dims."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
     def __post_init__(self) -> None:
+        # Checkpoint meta and plain YAML give nested dicts; OmegaConf gives the dataclasses.
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.mtp, dict):
+            self.mtp = MTPConfig(**self.mtp)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"model.attention={self.attention!r}: choose one of {ATTENTIONS}")
+        if self.attention == "mla":
+            for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, key) <= 0:
+                    raise ValueError(f"model.{key} must be positive for model.attention=mla")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError("model.qk_rope_head_dim must be even for RoPE")
+            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+                raise ValueError("model.q_lora_rank must be positive or null")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}: choose one of {ATTN_BACKENDS}")
         if self.d_model % self.n_heads:
@@ -51,3 +168,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims rotated by RoPE per head."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe.enabled and i >= self.moe.first_k_dense
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Rebuild from `asdict(cfg)` (checkpoint meta); keys added after the checkpoint was written take defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,4 +1,5 @@
-"""Llama-style dense decoder whose parameter names map 1:1 onto Hugging Face `LlamaForCausalLM`."""
+"""Decoder-only LM: Llama-style dense (names 1:1 with HF `LlamaForCausalLM`) or DeepSeek-V3-style (MLA, DeepSeekMoE,
+multi-token prediction; names 1:1 with HF `DeepseekV3ForCausalLM` except the training-only `mtp.*` modules)."""
 
 from __future__ import annotations
 
@@ -8,55 +9,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import Attention
+from model.attention import Attention, MLAttention
 from model.config import ModelConfig
+from model.moe import MLP, Experts, MoE, Router
+from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
 
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 then cast back before the weight (as HF LlamaRMSNorm)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+__all__ = ["MLP", "Block", "RMSNorm", "Transformer", "num_params"]
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); mlp is MoE from moe.first_k_dense on."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
+        self.mlp = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.d_model, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MTPModule(nn.Module):
+    """One DeepSeek-V3 multi-token-prediction depth: block(eh_proj([hnorm(h_{i}); enorm(emb(t_{i+k}))])).
+
+    The embedding and the output head are the main model's; `norm` is this depth's own final norm.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h, emb (B, T', d) -> next hidden states (B, T', d)."""
+        return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin)
+
+
 class Transformer(nn.Module):
-    """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head`."""
+    """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head` (and `mtp`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -66,12 +63,19 @@ class Transformer(nn.Module):
             )
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        if cfg.mtp.depth:
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp.depth))
+        self.rotary_emb = RotaryEmbedding(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.mtp_weight = cfg.mtp.loss_weight
+        """lambda of the MTP loss; the trainer sets it from `cfg.mtp.weight_at(progress)` before each step."""
+        self.last_stats: dict[str, torch.Tensor] = {}
+        """Detached statistics of the last forward with labels (MoE / MTP models only): ce_loss, aux_loss,
+        mtp_loss, moe_loads (n_moe_layers, E) routed-token counts."""
         self.init_weights()
 
     @torch.no_grad()
@@ -88,19 +92,66 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.e_score_correction_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        """MoE modules in a fixed order (decoder layers, then MTP blocks): the rows of `moe_loads`."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_balance(self, loads: torch.Tensor, gamma: float) -> None:
+        """Move every MoE layer's selection bias toward balance; loads (n_moe_layers, E) must be identical on every
+        data-parallel rank (all-reduced) so the biases stay identical."""
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.gate.update_bias(load, gamma)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V); with labels (B, T), already shifted so labels[:, t] is the
-        target of position t, the fp32 mean cross-entropy over positions where labels != -100 instead."""
+        target of position t, the fp32 mean cross-entropy over positions where labels != -100 instead.
+
+        MoE / MTP models in training mode return the total loss: CE + balance loss (alpha already applied) +
+        mtp_weight * mean MTP loss; `last_stats` holds the parts."""
         T = input_ids.size(1)
-        cos, sin = self.rotary_emb(T)  # (T, hd) each
+        cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for layer in self.layers:
             x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
+            return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
+        stats = {"ce_loss": loss.detach()}
+        total = loss
+        if self.cfg.mtp.depth:
+            mtp_losses = []
+            h = x
+            for k, module in enumerate(self.mtp, start=1):
+                # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
+                h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos[: T - k], sin[: T - k])
+                lg = self.lm_head(module.norm(h))  # (B, T-k, V)
+                mtp_losses.append(F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+            mtp_loss = torch.stack(mtp_losses).mean()
+            total = total + self.mtp_weight * mtp_loss
+            stats["mtp_loss"] = mtp_loss.detach()
+        moes = self.moe_layers()
+        if moes:
+            stats["moe_loads"] = torch.stack([m.last_load for m in moes])
+            auxes = [m.last_aux for m in moes if m.last_aux is not None]
+            if auxes:
+                aux = self.cfg.moe.seq_alpha * torch.stack(auxes).sum()
+                total = total + aux
+                stats["aux_loss"] = aux.detach()
+            for m in moes:
+                m.last_aux = None
+        self.last_stats = stats
+        return total
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

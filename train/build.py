@@ -51,6 +51,11 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         model = dataclasses.replace(model, vocab_size=tok.vocab_size)
     elif model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if model.moe.enabled and model.moe.ep_size > 1:
+        raise ValueError(
+            f"model.moe.ep_size={model.moe.ep_size}: expert parallelism is not implemented yet; use ep_size=1 "
+            "(every rank holds every expert; ZeRO shards them like any other parameter)"
+        )
     if cfg.train.seq_len > model.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     if model.attn_backend == "flash_attn":

@@ -23,7 +23,40 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "tie_embeddings")
+SHAPE_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "tie_embeddings",
+    "attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "moe.enabled",
+    "moe.n_routed_experts",
+    "moe.n_shared_experts",
+    "moe.ffn_hidden",
+    "moe.first_k_dense",
+    "mtp.depth",
+)
+"""Model fields a checkpoint's weights depend on (dotted for nested configs); resuming with another value fails."""
+
+
+def _field(obj, dotted: str, default=None):
+    """Value of a dotted field in a dataclass or a (meta) dict; `default` where a dict lacks it."""
+    for part in dotted.split("."):
+        if isinstance(obj, dict):
+            if part not in obj:
+                return default
+            obj = obj[part]
+        else:
+            obj = getattr(obj, part)
+    return obj
 
 
 def tag_for(step: int) -> str:
@@ -51,10 +84,12 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
 def check_compatible(meta: dict, model: ModelConfig, tokenizer_sha256: str, where: Path) -> None:
     """Refuse to resume a checkpoint of another model shape or tokenizer, naming every difference."""
     saved = meta["model"]
+    # Checkpoints written before a field existed hold its default (e.g. dense GQA before MLA and MoE).
+    defaults = ModelConfig()
     diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, config {getattr(model, k)!r}"
+        f"model.{k}: checkpoint {_field(saved, k, _field(defaults, k))!r}, config {_field(model, k)!r}"
         for k in SHAPE_KEYS
-        if saved.get(k) != getattr(model, k)
+        if _field(saved, k, _field(defaults, k)) != _field(model, k)
     ]
     if diffs:
         raise ValueError(
@@ -147,7 +182,7 @@ def load_model(run_dir: str | Path, tag: str | None = None):
     from model.transformer import Transformer
 
     state, meta = load_full_weights(Path(run_dir), tag)
-    cfg = ModelConfig(**meta["model"])
+    cfg = ModelConfig.from_dict(meta["model"])
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if cfg.tie_embeddings else set()

@@ -159,3 +159,10 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all ranks (a copy; the input is left alone)."""
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t

@@ -1,4 +1,5 @@
-"""`python -m train.export run.dir=DIR out=HF_DIR`: a run's checkpoint as a Hugging Face LlamaForCausalLM directory.
+"""`python -m train.export run.dir=DIR out=HF_DIR`: a run's checkpoint as a Hugging Face model directory
+(LlamaForCausalLM for dense GQA models, DeepseekV3ForCausalLM for MLA / DeepSeekMoE models).
 
 Writes config.json, generation_config.json, model.safetensors and the tokenizer files, so that
 `AutoModelForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)` load it offline.
@@ -22,12 +23,12 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def export(run_dir: str, out: str, tag: str | None = None) -> dict:
     from model.config import ModelConfig
     from train.checkpoint import load_full_weights
-    from train.hf_export import save_hf_model
+    from train.hf_export import hf_architecture, save_hf_model
     from train.run_dir import run_tokenizer
 
     state, meta = load_full_weights(Path(run_dir), tag)
     tok, tok_dir = run_tokenizer(run_dir, meta)
-    cfg = ModelConfig(**meta["model"])
+    cfg = ModelConfig.from_dict(meta["model"])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_hf_model(out_dir, state, cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -39,7 +40,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> dict:
         "run_dir": str(run_dir),
         "tag": meta["tag"],
         "step": meta["step"],
-        "architecture": "LlamaForCausalLM",
+        "architecture": hf_architecture(cfg),
         "tokenizer_sha256": tok.sha256,
     }
     (out_dir / "hangang_export.json").write_text(json.dumps(info, indent=2))

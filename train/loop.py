@@ -13,7 +13,7 @@ from data_pipeline.loader import DistributedBatchLoader, PackedSequences, iter_e
 from train import checkpoint
 from train.callbacks import Callback
 from train.config import PretrainConfig
-from train.engine import Dist, all_reduce_mean, all_reduce_sum, full_state_dict
+from train.engine import Dist, all_reduce_mean, all_reduce_sum, all_reduce_sum_tensor, full_state_dict
 
 
 def current_memory_gb(device: torch.device) -> float:
@@ -29,6 +29,47 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class ExtraStats:
+    """Per-step MoE / MTP statistics from `model.last_stats`, and the balancing-bias update after the step.
+
+    Routed-token counts are summed over micro-batches and all-reduced over the data-parallel ranks, so every rank
+    applies the same bias update (the biases stay identical without being broadcast).
+    """
+
+    def __init__(self) -> None:
+        self.loads: torch.Tensor | None = None
+        self.sums: dict[str, float] = {}
+
+    @staticmethod
+    def active(module) -> bool:
+        cfg = getattr(module, "cfg", None)
+        return cfg is not None and (cfg.moe.enabled or cfg.mtp.depth > 0)
+
+    def add(self, stats: dict) -> float:
+        """Accumulate one micro-batch; returns its CE loss."""
+        if "moe_loads" in stats:
+            self.loads = stats["moe_loads"] if self.loads is None else self.loads + stats["moe_loads"]
+        for key in ("mtp_loss", "aux_loss"):
+            if key in stats:
+                self.sums[key] = self.sums.get(key, 0.0) + stats[key].item()
+        return stats["ce_loss"].item()
+
+    def finish(self, module, gamma: float, n_micro: int, d: Dist) -> dict:
+        """After the optimizer step: update the biases; metrics moe_max_violation, mtp_loss, aux_loss."""
+        from model.moe import max_violation
+
+        out: dict = {}
+        if self.sums:
+            keys = sorted(self.sums)
+            for key, value in zip(keys, all_reduce_mean([self.sums[k] / n_micro for k in keys], d.device), strict=True):
+                out[key] = value
+        if self.loads is not None:
+            loads = all_reduce_sum_tensor(self.loads)
+            module.update_balance(loads, gamma)
+            out["moe_max_violation"] = max_violation(loads)
+        return out
 
 
 class Trainer:
@@ -127,6 +168,8 @@ class Trainer:
             if val:
                 self.log({**val, "tokens": 0, "elapsed_s": 0.0})
         zero0 = self.cfg.deepspeed.zero_stage == 0
+        module = self.engine.module
+        mcfg = self.cfg.model
         rates: list[float] = []
         launch_start = self._launch_start = time.perf_counter()
         loss = math.nan
@@ -135,18 +178,24 @@ class Trainer:
             start = time.perf_counter()
             micro = self.loader.next_step()
             lr = self.engine.optimizer.param_groups[0]["lr"]
+            progress = self.step / t.max_steps
+            if mcfg.mtp.depth:
+                module.mtp_weight = mcfg.mtp.weight_at(progress)
             loss_sum, grad_norm = 0.0, math.nan
+            extra = ExtraStats()
             for i, (x, y) in enumerate(micro):
                 out = self.engine(x.to(self.d.device), y.to(self.d.device))
                 self.engine.backward(out)
                 if zero0 and i == len(micro) - 1:
                     grad_norm = self._stage0_grad_norm()  # DeepSpeed does not report it without ZeRO
                 self.engine.step()
-                loss_sum += out.item()
+                # MoE / MTP models return CE + balance + MTP losses; `loss` stays the next-token CE everywhere.
+                loss_sum += extra.add(getattr(module, "last_stats", {})) if extra.active(module) else out.item()
             self.step += 1
             (loss,) = all_reduce_mean([loss_sum / len(micro)], self.d.device)
             if not zero0:
                 grad_norm = self._grad_norm()
+            moe_metrics = extra.finish(module, mcfg.moe.gamma_at(progress), len(micro), self.d)
             elapsed = time.perf_counter() - start
             tokens_per_s = layout_tokens / elapsed
             rates.append(tokens_per_s)
@@ -160,6 +209,7 @@ class Trainer:
                 "step_time_s": elapsed,
                 "peak_mem_gb": peak_memory_gb(self.d.device),
                 "base_mem_gb": self.base_mem_gb,
+                **moe_metrics,
             }
             last = self.step == t.max_steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):

@@ -1,0 +1,92 @@
+"""Real 2-process runs of model=deepseek_tiny on CPU (gloo): ZeRO 0-3 parity, metrics, resume, export to HF."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.helpers import STEPS, run_module, torchrun_pretrain, train_args
+from tests.train.test_pretrain import losses
+
+DEEPSEEK = ("model=deepseek_tiny", "model.n_layers=3", "model.max_seq_len=256")
+
+
+def ds_args(tok: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [a for a in train_args(tok, data, run_dir, *extra) if a != "model=nano"] + list(DEEPSEEK)
+
+
+@pytest.fixture(scope="module")
+def ds_runs(tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("deepseek")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        runs[stage] = root / f"zero{stage}"
+        torchrun_pretrain(*ds_args(tiny_tokenizer, tiny_data, runs[stage], f"deepspeed.zero_stage={stage}"))
+    return runs
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_moe_mla_mtp_trains_identically_under_zero_0_to_3(ds_runs):
+    ref = losses(ds_runs[0])
+    assert sorted(ref) == list(range(1, STEPS + 1)) and ref[STEPS] < ref[1]
+    for stage in (1, 2, 3):
+        other = losses(ds_runs[stage])
+        for step, value in ref.items():
+            assert math.isclose(other[step], value, rel_tol=1e-5), (stage, step, other[step], value)
+    # The balancing biases (moved by all-reduced loads after every step) end identical too.
+    biases = [_bias(r) for r in ds_runs.values()]
+    for b in biases[1:]:
+        torch.testing.assert_close(b, biases[0], atol=0, rtol=0)
+    assert biases[0].abs().max() > 0
+
+
+def _bias(run_dir: Path) -> torch.Tensor:
+    from train.checkpoint import load_full_weights
+
+    state, _ = load_full_weights(run_dir)
+    return torch.stack([v for k, v in sorted(state.items()) if k.endswith("e_score_correction_bias")])
+
+
+def test_moe_and_mtp_metrics_are_logged(ds_runs):
+    train_rows = [r for r in rows(ds_runs[2]) if "loss" in r]
+    for r in train_rows:
+        assert r["moe_max_violation"] >= 0 and math.isfinite(r["mtp_loss"]) and r["aux_loss"] > 0
+        assert 0 < r["mfu"] and math.isfinite(r["loss"])
+    assert [r["step"] for r in rows(ds_runs[2]) if "val_loss" in r] == [0, 5, 10]
+
+
+def test_resume_reproduces_uninterrupted_run(ds_runs, tiny_tokenizer, tiny_data, tmp_path):
+    run_dir = tmp_path / "resumed"
+    args = ds_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", "train.exit_after_steps=5")
+    torchrun_pretrain(*args)
+    torchrun_pretrain(*args)  # restores weights, optimizer, and the balancing biases (module buffers)
+    assert losses(run_dir) == losses(ds_runs[2])
+
+
+def test_resume_with_other_expert_count_is_refused(ds_runs, tiny_tokenizer, tiny_data):
+    args = ds_args(tiny_tokenizer, tiny_data, ds_runs[1], "model.moe.n_routed_experts=4")
+    proc = run_module("train.pretrain", *args, check=False)
+    assert proc.returncode != 0
+    assert "model.moe.n_routed_experts: checkpoint 8, config 4" in proc.stderr
+
+
+def test_export_of_trained_run_matches_logits(ds_runs, tmp_path):
+    from train.checkpoint import load_model
+
+    out = tmp_path / "hf"
+    proc = run_module("train.export", f"run.dir={ds_runs[3]}", f"out={out}")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["architecture"] == "DeepseekV3ForCausalLM"
+    ours, _ = load_model(ds_runs[3])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    x = torch.randint(ours.cfg.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
