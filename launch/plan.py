@@ -1,0 +1,220 @@
+"""`python -m launch.plan model=NAME gpus=N gpu=h100 tokens=T deepspeed.zero_stage=S`: what a run will cost.
+
+Prints parameters (total and activated), training FLOPs per token, memory per GPU (parameters, gradients, optimizer
+states for the ZeRO stage and offload chosen, activations for the micro-batch and sequence length with and without
+activation checkpointing), the largest micro-batch that fits, and the time, GPU-hours and cost of T tokens at a
+given MFU (or the mean MFU measured in a run directory). The last line is the same as JSON.
+
+Memory model (bf16 mixed precision, as DeepSpeed runs it on GPUs; fp32 on CPU):
+- weights 2 B/param, gradients 2 B/param, optimizer states 12 B/param (fp32 master, Adam m and v); ZeRO-1 shards
+  the optimizer states over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload
+  moves optimizer states (and with offload_param, weights) to CPU memory. Routed experts are first split over
+  `model.moe.ep_size` ranks. On CPU (fp32): 4 + 4 + 8 B/param.
+- activations per token and layer: the tensors a Llama/DeepSeek block keeps for backward with a fused attention
+  kernel (no T x T scores): 2 B x (6 d + 2 kv + 4 f_active) (+ router scores for MoE layers); the output head keeps
+  logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token. With full activation checkpointing a
+  layer keeps only its input (2 d B/token), and one layer at a time is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field, replace
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from data_pipeline.cli import to_object_strict, user_errors
+from model.config import ModelConfig
+from model.flops import activated_params, flops_per_token
+from train.config import DeepSpeedConfig
+
+# bf16 dense peak FLOP/s and memory per GPU.
+GPUS = {
+    "h100": (989e12, 80e9),
+    "h200": (989e12, 141e9),
+    "h800": (989e12, 80e9),
+    "a100": (312e12, 80e9),
+    "a100-40g": (312e12, 40e9),
+}
+USABLE = 0.90  # share of GPU memory a run can plan for (allocator fragmentation, CUDA context, NCCL buffers)
+
+
+@dataclass
+class PlanConfig:
+    """Root of `configs/plan.yaml`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    gpus: int = 8
+    gpu: str = "h100"
+    """h100 | h200 | h800 | a100 | a100-40g | cpu."""
+    tokens: str = "1e12"
+    """Training tokens: a number, or with a suffix K, M, B, T (e.g. 300B)."""
+    seq_len: int = 4096
+    micro_batch_size: int | None = None
+    """Sequences per GPU per step; null = the largest that fits (with activation checkpointing if needed)."""
+    vocab_size: int = 128000
+    """Used when model.vocab_size is 0 (taken from a tokenizer at train time)."""
+    mfu: float = 0.40
+    run_dir: str | None = None
+    """A finished run: its mean measured MFU replaces `mfu`."""
+    price_per_gpu_hour: float = 2.5
+    """USD."""
+    gpu_memory_gb: float | None = None
+    """Override the memory per GPU (GB)."""
+
+    def __post_init__(self) -> None:
+        if self.gpu not in GPUS and self.gpu != "cpu":
+            raise ValueError(f"gpu={self.gpu!r}: choose one of {sorted(GPUS)} or cpu")
+        if self.gpus <= 0 or not 0 < self.mfu <= 1:
+            raise ValueError("gpus must be positive and mfu in (0, 1]")
+
+
+ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
+
+
+def parse_tokens(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([KMBT]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"tokens={text!r}: write a number such as 1e12 or 300B")
+    return float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2)]
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact totals from the model built on the meta device (no memory), split into routed experts and the rest."""
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    total = routed = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name or name.endswith(".experts"):
+            routed += p.numel()
+    embed = cfg.vocab_size * cfg.d_model
+    return {"total": total, "routed_experts": routed, "activated": activated_params(cfg), "embedding": embed}
+
+
+def _active_ffn(cfg: ModelConfig, layer: int) -> int:
+    m = cfg.moe
+    if cfg.is_moe_layer(layer):
+        return m.ffn_hidden * (m.top_k + m.n_shared_experts)
+    return cfg.ffn_hidden
+
+
+def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, checkpointing: bool, dtype_bytes: int) -> float:
+    """Activation memory of one micro-batch (see module docstring)."""
+    d = cfg.d_model
+    kv = cfg.n_kv_heads * cfg.head_dim if cfg.attention == "gqa" else cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    tokens = seq_len * micro
+    layers = cfg.n_layers + cfg.mtp.depth
+    per_layer = [
+        dtype_bytes * (6 * d + 2 * kv + 4 * _active_ffn(cfg, i))
+        + (4 * cfg.moe.n_routed_experts if cfg.is_moe_layer(i) else 0)
+        for i in range(layers)
+    ]
+    head = (dtype_bytes + 8) * cfg.vocab_size * (1 + cfg.mtp.depth)
+    if checkpointing:
+        return tokens * (dtype_bytes * d * layers + max(per_layer) + head)
+    return tokens * (sum(per_layer) + head)
+
+
+def state_bytes(counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, fp32: bool) -> dict[str, float]:
+    """Weights, gradients and optimizer states per GPU for the ZeRO stage and offload chosen."""
+    ep = cfg.moe.ep_size if cfg.moe.enabled else 1
+    local = counts["total"] - counts["routed_experts"] + counts["routed_experts"] / ep  # params this rank holds
+    w, g, o = (4, 4, 8) if fp32 else (2, 2, 12)
+    s = ds.zero_stage
+    weights = 0.0 if ds.offload_param else local * w / (gpus if s >= 3 else 1)
+    grads = local * g / (gpus if s >= 2 else 1)
+    optim = 0.0 if ds.offload_optimizer else local * o / (gpus if s >= 1 else 1)
+    return {"weights": weights, "gradients": grads, "optimizer": optim}
+
+
+def plan(cfg: PlanConfig) -> dict:
+    model = cfg.model if cfg.model.vocab_size else replace(cfg.model, vocab_size=cfg.vocab_size)
+    fp32 = cfg.gpu == "cpu"
+    counts = param_counts(model)
+    fpt = flops_per_token(model, cfg.seq_len)
+    states = state_bytes(counts, cfg.deepspeed, model, cfg.gpus, fp32)
+    fixed = sum(states.values())
+    peak, mem = GPUS.get(cfg.gpu, (None, None))
+    capacity = (cfg.gpu_memory_gb * 1e9 if cfg.gpu_memory_gb else mem or 0) * USABLE
+    act = {ck: activation_bytes(model, cfg.seq_len, 1, ck, 4 if fp32 else 2) for ck in (False, True)}
+    largest = {ck: max(0, math.floor((capacity - fixed) / act[ck])) if capacity else None for ck in act}
+    micro = cfg.micro_batch_size or largest[False] or largest[True] or 1
+    mfu = cfg.mfu
+    if cfg.run_dir:
+        from train.report import find_runs, summarize
+
+        (run,), _ = find_runs([cfg.run_dir])
+        mfu = summarize(run)["mfu"]
+    tokens = parse_tokens(cfg.tokens)
+    seconds = tokens * fpt / (cfg.gpus * (peak or 1.0) * mfu) if peak else None
+    gpu_hours = seconds * cfg.gpus / 3600 if seconds else None
+    gb = 1e9
+    return {
+        "model": model.name,
+        "params_total": counts["total"],
+        "params_activated": counts["activated"],
+        "flops_per_token": fpt,
+        "memory_gb": {
+            **{k: v / gb for k, v in states.items()},
+            "activations_per_micro_batch": act[False] / gb,
+            "activations_per_micro_batch_checkpointed": act[True] / gb,
+            "micro_batch_size": micro,
+            "total": (fixed + micro * act[False]) / gb,
+            "total_checkpointed": (fixed + micro * act[True]) / gb,
+            "capacity": capacity / gb if capacity else None,
+        },
+        "largest_micro_batch": {"no_checkpointing": largest[False], "full_checkpointing": largest[True]},
+        "tokens": tokens,
+        "mfu": mfu,
+        "days": seconds / 86400 if seconds else None,
+        "gpu_hours": gpu_hours,
+        "cost_usd": gpu_hours * cfg.price_per_gpu_hour if gpu_hours else None,
+    }
+
+
+def render(cfg: PlanConfig, p: dict) -> str:
+    m = p["memory_gb"]
+    lines = [
+        f"model {p['model']}: {p['params_total'] / 1e9:.3f}B parameters, {p['params_activated'] / 1e9:.3f}B activated "
+        f"per token; {p['flops_per_token'] / 1e9:.2f} GFLOPs/token at seq_len {cfg.seq_len}",
+        f"{cfg.gpus} x {cfg.gpu}, ZeRO-{cfg.deepspeed.zero_stage}"
+        + (" + optimizer offload" if cfg.deepspeed.offload_optimizer else "")
+        + (" + parameter offload" if cfg.deepspeed.offload_param else ""),
+        f"memory per GPU (GB): weights {m['weights']:.2f}, gradients {m['gradients']:.2f}, optimizer "
+        f"{m['optimizer']:.2f}, activations per micro-batch {m['activations_per_micro_batch']:.2f} "
+        f"({m['activations_per_micro_batch_checkpointed']:.2f} with full activation checkpointing)",
+        f"at micro-batch {m['micro_batch_size']}: {m['total']:.1f} GB ({m['total_checkpointed']:.1f} GB checkpointed)"
+        + (f" of {m['capacity']:.0f} GB usable" if m["capacity"] else ""),
+        f"largest micro-batch that fits: {p['largest_micro_batch']['no_checkpointing']} "
+        f"({p['largest_micro_batch']['full_checkpointing']} with full activation checkpointing)",
+    ]
+    if p["gpu_hours"]:
+        lines.append(
+            f"{p['tokens']:.3g} tokens at MFU {p['mfu']:.0%}: {p['days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours, "
+            f"${p['cost_usd']:,.0f} at ${cfg.price_per_gpu_hour}/GPU-hour"
+        )
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../configs", config_name="plan", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    with user_errors():
+        cfg: PlanConfig = to_object_strict(raw)
+        p = plan(cfg)
+    print(render(cfg, p))
+    print(json.dumps(p))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""launch.plan: parameter counts, memory per GPU, largest micro-batch, time and cost; DeepSeek-V3 sanity check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from data_pipeline.cli import to_object_strict
+from launch.plan import parse_tokens, plan
+from tests.helpers import REPO, run_module
+
+
+def make(*overrides: str):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return to_object_strict(compose("plan", overrides=list(overrides)))
+
+
+def test_deepseek_v3_published_figures():
+    """671B total / ~37B activated, and ~180K H800 GPU-hours per trillion tokens at the MFU that implies."""
+    cfg = make("model=deepseek_v3", "model.mtp.depth=0", "gpus=2048", "gpu=h800", "tokens=1T")
+    p = plan(cfg)
+    assert p["params_total"] == pytest.approx(671e9, rel=0.005)
+    assert p["params_activated"] == pytest.approx(37e9, rel=0.03)
+    implied_mfu = p["gpu_hours"] * cfg.mfu / 180e3
+    assert 0.35 < implied_mfu < 0.55  # DeepSeek-V3's FP8 run at a plausible utilisation of the bf16 peak
+    again = plan(make("model=deepseek_v3", "model.mtp.depth=0", "gpus=2048", "gpu=h800", "tokens=1T",
+                      f"mfu={implied_mfu}"))  # fmt: skip
+    assert again["gpu_hours"] == pytest.approx(180e3, rel=1e-6)
+
+
+def test_zero_stages_shard_states_and_checkpointing_fits_more():
+    base = ["model=llama_1b", "vocab_size=128256", "gpus=8", "gpu=h100", "seq_len=4096"]
+    z = {s: plan(make(*base, f"deepspeed.zero_stage={s}"))["memory_gb"] for s in (0, 1, 2, 3)}
+    assert z[0]["optimizer"] == pytest.approx(8 * z[1]["optimizer"])
+    assert z[2]["gradients"] == pytest.approx(z[1]["gradients"] / 8)
+    assert z[3]["weights"] == pytest.approx(z[2]["weights"] / 8)
+    p = plan(make(*base, "deepspeed.zero_stage=1"))
+    assert p["params_total"] == 1_235_814_400  # Llama-3.2-1B
+    assert p["largest_micro_batch"]["full_checkpointing"] > p["largest_micro_batch"]["no_checkpointing"] >= 1
+    off = plan(make(*base, "deepspeed=zero3_offload"))["memory_gb"]
+    assert off["optimizer"] == 0 and off["weights"] == 0
+
+
+def test_tokens_parse():
+    assert parse_tokens("300B") == 300e9 and parse_tokens("1e12") == 1e12
+    with pytest.raises(ValueError, match="tokens="):
+        parse_tokens("lots")
+
+
+def test_cli_prints_table_and_json():
+    proc = run_module("launch.plan", "model=deepseek_1b_active", "gpus=1", "gpu=h100", "tokens=100B")
+    assert "activated" in proc.stdout and "GPU-hours" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["params_activated"] > 0
