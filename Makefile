@@ -26,7 +26,7 @@ else
 		$(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX)
 endif
 	# deepspeed's setup imports torch, so it builds against the torch installed above.
-	$(PIP) install -q --no-build-isolation -e ".[hf,dev,eval]"
+	$(PIP) install -q --no-build-isolation -e ".[hf,dev,eval,slurm]"
 	touch $(STAMP)
 
 demo: $(STAMP)

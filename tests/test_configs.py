@@ -9,9 +9,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import data_pipeline.prepare  # noqa: F401  registers prepare_schema
+import launch.plan  # noqa: F401  registers plan_schema
 import tokenizer.train  # noqa: F401  registers tokenizer_train_schema
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
+import train.lm_eval  # noqa: F401  registers lm_eval_schema
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -50,6 +52,8 @@ def test_group_options_compose(group, name):
         ("bench", []),
         ("evaluate", ["run.dir=/tmp/x", "eval.text_files=[a.txt]"]),
         ("export", ["run.dir=/tmp/x", "out=/tmp/y"]),
+        ("lm_eval", ["run.dir=/tmp/x"]),
+        ("plan", ["model=deepseek_tiny", "gpus=4"]),
     ],
 )
 def test_entry_point_roots_compose(config, overrides):
@@ -57,7 +61,18 @@ def test_entry_point_roots_compose(config, overrides):
 
 
 def test_every_yaml_is_covered():
-    covered = {"train", "prepare", "tokenizer_train", "bench", "evaluate", "export"}
+    covered = {"train", "prepare", "tokenizer_train", "bench", "evaluate", "export", "lm_eval", "plan"}
     top = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert top == covered, top - covered
     assert all(isinstance(p, Path) for p in CONFIGS.rglob("*.yaml"))
+
+
+def test_slurm_sweep_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["experiment=ko_tiny", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher.partition == "gpu" and "SlurmLauncher" in cfg.hydra.launcher._target_
