@@ -41,8 +41,13 @@ def repeats(doc_id: str, weight: float, seed: int) -> int:
     return whole + int(int.from_bytes(digest, "little") / 2**64 < weight - whole)
 
 
-def merge(data: DataConfig, tasks: list[Task], tok_info: dict, dtype: np.dtype, out: Path, *, log=print) -> dict:
-    """Write shards and manifest.json from the per-file results in OUT/work/; returns the manifest."""
+def merge(
+    data: DataConfig, tasks: list[Task], tok_info: dict, dtype: np.dtype, out: Path, *, log=print, ready=None
+) -> dict:
+    """Write shards and manifest.json from the per-file results in OUT/work/; returns the manifest.
+
+    `ready(task)`, when given, blocks until that file's result exists: the global pass then overlaps phase 1.
+    """
     work = out / "work"
     dedup = Deduplicator(data.dedup)
     train = ShardWriter(out, "train", dtype, data.shard_tokens)
@@ -59,12 +64,15 @@ def merge(data: DataConfig, tasks: list[Task], tok_info: dict, dtype: np.dtype, 
         files = []
         cap = data.max_docs_per_source
         for task in (t for t in tasks if t.source == name):
+            if ready is not None:
+                ready(task)
             meta = json.loads((work / f"{task.stem}.json").read_text())
             files.append({"path": task.path, "bytes": meta["bytes"], "sha256": meta["sha256"]})
             with np.load(work / f"{task.stem}.npz") as npz:
                 arrays = {key: npz[key] for key in npz.files}  # NpzFile re-reads an array on every access
             status, lengths, keys, sigs = arrays["status"], arrays["lengths"], arrays["keys"], arrays["sigs"]
-            has_sig = sigs.any(axis=1).tolist()
+            has_sig = arrays["has_sig"].tolist()
+            sig_index = (np.cumsum(arrays["has_sig"]) - 1).tolist()
             rows, lic, pii = arrays["rows"].tolist(), arrays["licenses"].tolist(), arrays["pii"].tolist()
             offsets = np.concatenate([[0], np.cumsum(lengths)])
             toks = np.memmap(work / f"{task.stem}.tok", dtype=dtype, mode="r") if offsets[-1] else None
@@ -79,7 +87,7 @@ def merge(data: DataConfig, tasks: list[Task], tok_info: dict, dtype: np.dtype, 
                     continue
                 k += 1
                 line = texts.readline() if texts is not None else None
-                reason = dedup.check(keys[k].tobytes(), sigs[k] if has_sig[k] else None)
+                reason = dedup.check(keys[k].tobytes(), sigs[sig_index[k]] if has_sig[k] else None)
                 if reason:
                     st["rejected"][reason] += 1
                     continue

@@ -15,6 +15,7 @@ reused and only the global pass runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -60,21 +61,50 @@ def make_tasks(data: DataConfig) -> list[Task]:
     return tasks
 
 
+def _pending(data: DataConfig, tok: Tokenizer, tasks: list[Task], work: Path) -> list[Task]:
+    """Tasks without a current result, biggest files first (so that a large file does not start last)."""
+    todo = [t for t in tasks if not result_is_current(work, t, fingerprint(data, tok.sha256, t))]
+    return sorted(todo, key=lambda t: -os.path.getsize(t.path))
+
+
+@contextlib.contextmanager
+def work_pool(data: DataConfig, tok: Tokenizer, todo: list[Task], dtype, work: Path, log=print):
+    """Start phase 1 for `todo`; yields wait(task), which returns once that task's result is written."""
+    workers = min(data.num_workers or os.cpu_count() or 1, max(1, len(todo)))
+    pending = {t.index for t in todo}
+    if workers <= 1:
+
+        def run_inline(task: Task) -> None:
+            if task.index in pending:
+                process_file(task, data, tok, dtype.name, work, threads=0)
+                pending.discard(task.index)
+
+        yield run_inline
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    args = (data, tok, dtype.name, work, 1)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=args) as pool:
+        futures = {t.index: pool.submit(run_task, t) for t in todo}
+
+        def wait(task: Task) -> None:
+            if task.index in futures:
+                meta = futures.pop(task.index).result()
+                log(f"[prepare] read {meta['task']['path']}: {meta['kept']}/{meta['docs_in']} pass the filters")
+
+        try:
+            yield wait
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
+
+
 def run_work(data: DataConfig, tok: Tokenizer, tasks: list[Task], dtype, work: Path, log=print) -> int:
     """Phase 1 for the given tasks, skipping results already current; returns how many files were processed."""
-    todo = [t for t in tasks if not result_is_current(work, t, fingerprint(data, tok.sha256, t))]
-    workers = min(data.num_workers or os.cpu_count() or 1, max(1, len(todo)))
-    # Biggest files first, so that one large file does not start last and leave the other workers idle.
-    todo.sort(key=lambda t: -os.path.getsize(t.path))
-    if workers <= 1:
+    todo = _pending(data, tok, tasks, work)
+    with work_pool(data, tok, todo, dtype, work, log) as wait:
         for t in todo:
-            process_file(t, data, tok, dtype.name, work, threads=0)
-    else:
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        args = (data, tok, dtype.name, work, 1)
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=args) as pool:
-            for meta in pool.map(run_task, todo):
-                log(f"[prepare] read {meta['task']['path']}: {meta['kept']}/{meta['docs_in']} pass the filters")
+            wait(t)
     return len(todo)
 
 
@@ -95,14 +125,12 @@ def prepare(data: DataConfig, tok: Tokenizer, tokenizer_path: str, out: str | Pa
         mine = [t for t in tasks if t.index % data.num_shards == data.shard_index]
         done = run_work(data, tok, mine, dtype, work, log)
         return {"part": data.shard_index, "num_shards": data.num_shards, "files": len(mine), "processed": done}
-    run_work(data, tok, tasks, dtype, work, log)
-    for t in tasks:
-        if not result_is_current(work, t, fingerprint(data, tok.sha256, t)):
-            raise RuntimeError(f"per-file result for {t.path} is missing after phase 1")
     for old in list(out.glob("*.bin")):  # shards of an earlier run with more files must not linger
         old.unlink()
     tok_info = {"path": str(tokenizer_path), "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-    manifest = merge(data, tasks, tok_info, dtype, out, log=log)
+    # The global pass consumes results in (source, file) order while the pool still works on later files.
+    with work_pool(data, tok, _pending(data, tok, tasks, work), dtype, work, log) as wait:
+        manifest = merge(data, tasks, tok_info, dtype, out, log=log, ready=wait)
     log(f"[prepare] done in {time.time() - start:.1f}s")
     return manifest
 

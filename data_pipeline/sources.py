@@ -112,10 +112,13 @@ def _iter_jsonl(path: Path) -> Iterator[dict | Rejected]:
             yield row if isinstance(row, dict) else Rejected("malformed_json")
 
 
-def _iter_parquet(path: Path) -> Iterator[dict]:
+def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    pf = pq.ParquetFile(path)
+    if columns is not None:  # read only what the text template and license field need
+        columns = [c for c in columns if c in pf.schema_arrow.names] or None
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
         yield from batch.to_pylist()
 
 
@@ -154,7 +157,12 @@ def iter_file(name: str, src: SourceConfig, path: Path) -> Iterator[dict | Rejec
     one Rejected("unreadable_file") after whatever rows it gave.
     """
     try:
-        yield from _READERS[src.format](path)
+        if src.format == "parquet":
+            template = src.text if "{" in src.text else "{" + src.text + "}"
+            columns = _template_fields(template) + ([src.license_field] if src.license_field else [])
+            yield from _iter_parquet(path, columns)
+        else:
+            yield from _READERS[src.format](path)
     except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError, its IO errors are OSErrors
         yield Rejected("unreadable_file")
 

@@ -3,7 +3,8 @@
 Each input file gives one result under OUT/work/ (written atomically, `.json` last):
     {stem}.tok    the kept documents' tokens, each followed by EOS (dtype of the output)
     {stem}.npz    per row: status (0 kept, else 1 + reason index); per kept document: row, token count, exact key,
-                  MinHash signature (zeros when too short for near-dedup), license index, PII replacements
+                  whether it has a MinHash signature (long enough for near-dedup) and the signatures of those that
+                  do, license index, PII replacements
     {stem}.jsonl  (data.write_text) the kept documents' cleaned text, in order
     {stem}.json   counts, reasons, licenses, input sha256, and the fingerprint of everything that shaped the result
 Results depend only on the file and the config, never on which process or part made them, so the global pass
@@ -80,7 +81,7 @@ def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work:
     reasons: list[str] = []
     licenses: list[str] = []
     status: list[int] = []
-    rows, lengths, keys, sigs, lic_idx, pii_rows = [], [], [], [], [], []
+    rows, lengths, keys, sigs, has_sig, lic_idx, pii_rows = [], [], [], [], [], [], []
     rejected: Counter = Counter()
     tmp = {ext: work / f"{task.stem}.{ext}.tmp" for ext in ("tok", "jsonl")}
     tok_fh = open(tmp["tok"], "wb")
@@ -129,7 +130,9 @@ def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work:
         rows.append(item.row)
         keys.append(np.frombuffer(exact_key(text), dtype=np.uint8))
         near = data.dedup.near and len(text) >= data.dedup.min_chars
-        sigs.append(signature(text, data.dedup, perms) if near else np.zeros(data.dedup.num_perm, np.uint64))
+        has_sig.append(near)
+        if near:  # short documents get no signature (exact dedup only), and no row in `sigs`
+            sigs.append(signature(text, data.dedup, perms))
         if lic not in licenses:
             licenses.append(lic)
         lic_idx.append(licenses.index(lic))
@@ -148,7 +151,8 @@ def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work:
         rows=np.asarray(rows, dtype=np.int64),
         lengths=np.asarray(lengths, dtype=np.int64),
         keys=np.stack(keys) if n else np.zeros((0, 16), np.uint8),
-        sigs=np.stack(sigs) if n else np.zeros((0, data.dedup.num_perm), np.uint64),
+        sigs=np.stack(sigs) if sigs else np.zeros((0, data.dedup.num_perm), np.uint64),
+        has_sig=np.asarray(has_sig, dtype=bool),
         licenses=np.asarray(lic_idx, dtype=np.int32),
         pii=np.asarray(pii_rows, dtype=np.int32).reshape(n, len(PII_KINDS)),
     )
