@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 
 import numpy as np
 
@@ -88,10 +87,19 @@ def top_ngram_share(text: str, n: int = 3, min_words: int = 0) -> tuple[float, i
     words = text.split()
     if len(words) < max(n, min_words):
         return 0.0, len(words)
-    counts = Counter(zip(*(words[i:] for i in range(n)), strict=False))
-    gram, count = counts.most_common(1)[0]
-    total = len(text) - text.count(" ") - text.count("\n") - text.count("\t")
-    return count * sum(len(w) for w in gram) / max(1, total), len(words)
+    # n-grams compared by a 64-bit combination of word hashes (numpy sort instead of a Counter of tuples, ~4x faster);
+    # only equality matters, so the per-process seed of hash() cannot change a decision (barring 2^-64 collisions).
+    h = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    with np.errstate(over="ignore"):
+        grams = h[: len(h) - n + 1].copy()
+        for i in range(1, n):
+            grams = grams * np.uint64(0x100000001B3) ^ h[i : len(h) - n + 1 + i]
+    _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    gram_chars = sum(lengths[i : len(lengths) - n + 1 + i] for i in range(n))
+    # Ties between equally frequent n-grams go to the longest, so no order (hash or otherwise) decides.
+    covered = int((counts[inverse.ravel()] * gram_chars).max())
+    return covered / max(1, int(lengths.sum())), len(words)
 
 
 def quality_reason(text: str, filters: FilterConfig, language: str) -> str | None:

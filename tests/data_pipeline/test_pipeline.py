@@ -151,3 +151,15 @@ def test_mixture_weights_upsample_and_cap_deterministically(tiny_tokenizer, tmp_
     assert a["splits"]["train"]["tokens"] == sum(x["train_tokens"] for x in s.values())
     for x in s.values():
         assert x["docs_in"] == x["docs_kept"] + sum(x["rejected"].values())
+
+
+def test_cli_parts_then_merge(tiny_tokenizer, tmp_path):
+    from tests.helpers import run_module
+
+    out = tmp_path / "out"
+    common = [f"tokenizer.path={tiny_tokenizer}", f"out={out}", "data.max_docs_per_source=20", "data.num_shards=2"]
+    for i in range(2):
+        part = json.loads(run_module("data_pipeline.prepare", *common, f"data.shard_index={i}").stdout.splitlines()[-1])
+        assert part["part"] == i and part["processed"] >= 1
+    summary = json.loads(run_module("data_pipeline.merge", *common).stdout.splitlines()[-1])
+    assert summary["tokens"]["train"] > 0 and (out / MANIFEST).is_file()
