@@ -13,6 +13,7 @@ setup(
         "deepspeed>=0.16",
         "sentencepiece>=0.2",
         "datasets>=3.0",
+        "datasketch>=2.0",
         "wandb>=0.18",
         "hydra-core>=1.3",
         "safetensors>=0.4",

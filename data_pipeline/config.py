@@ -8,6 +8,54 @@ FORMATS = ("json", "parquet", "csv", "text")
 
 
 @dataclass
+class FilterConfig:
+    """Quality filters (Gopher-style rules); a document failing one is rejected under that rule's name."""
+
+    min_chars: int = 1
+    """Shorter documents are rejected as `too_short` (after cleaning)."""
+    max_chars: int = 5_000_000
+    """Longer documents are rejected as `huge` (before cleaning, so a runaway file costs nothing)."""
+    min_hangul_share: float = 0.0
+    """For `language: ko` sources: Hangul syllables / letters below this are `low_hangul`; 0 disables."""
+    max_symbol_share: float = 1.0
+    """Share of non-letter, non-digit, non-space characters above this is `symbols`; 1 disables."""
+    max_dup_line_share: float = 1.0
+    """Share of lines that repeat an earlier line of the document, above this is `repeated_lines`; 1 disables."""
+    max_top_ngram_share: float = 1.0
+    """Share of characters covered by the most frequent word 3-gram, above this is `repeated_ngrams`; 1 disables."""
+    ngram_min_words: int = 50
+    """The n-gram rule applies only to documents of at least this many words (short texts repeat by chance)."""
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0 or self.max_chars < self.min_chars:
+            raise ValueError(f"filters: need 0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+        for name in ("min_hangul_share", "max_symbol_share", "max_dup_line_share", "max_top_ngram_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"filters.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class DedupConfig:
+    """Exact (normalized-text hash) and near-duplicate (MinHash LSH) removal across all sources and files."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    """Estimated Jaccard similarity of character 5-gram shingles at or above which a document is a near duplicate."""
+    num_perm: int = 64
+    shingle: int = 5
+    min_chars: int = 200
+    """Near-dedup only documents at least this long: short texts (reviews, chat lines) share shingles by chance;
+    exact dedup still covers them."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
+        if self.num_perm < 8 or self.shingle < 1:
+            raise ValueError("dedup.num_perm must be >= 8 and dedup.shingle >= 1")
+
+
+@dataclass
 class SourceConfig:
     """One licensed source: where it is, how to read its text, and under which license."""
 
@@ -19,15 +67,26 @@ class SourceConfig:
     """A field name, or a template such as "{Q}\\n{A}"."""
     license: str | None = None
     """SPDX id or LicenseRef-...; required."""
+    license_field: str | None = None
+    """A per-document license field; where a row has one, it must be allowed too (else `license_not_allowed`)."""
     attribution: str = ""
     weight: float = 1.0
+    """Mixture weight on the training split: 2.5 writes each document 2 or 3 times (2.5 on average), 0.3 keeps
+    30% of documents (chosen by a seeded hash); validation is never reweighted."""
+    max_tokens: int | None = None
+    """Cap on this source's training tokens after weighting (documents past the cap are `capped`); null = none."""
     language: str = "ko"
+    filters: dict = field(default_factory=dict)
+    """Overrides of data.filters for this source, e.g. {min_chars: 10} for short reviews."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"source format={self.format!r}: choose one of {FORMATS}")
         if self.weight < 0:
             raise ValueError(f"source weight must be >= 0, got {self.weight}")
+        unknown = set(self.filters) - set(FilterConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"source filters: unknown keys {sorted(unknown)}")
 
 
 @dataclass
@@ -46,9 +105,31 @@ class DataConfig:
     shard_tokens: int = 1 << 24
     """Tokens per shard file."""
     seed: int = 0
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pii: bool = True
+    """Replace e-mails, Korean phone and resident registration numbers, card numbers and IPs by typed placeholders."""
+    write_text: bool = False
+    """Also write the kept, cleaned documents as jsonl under OUT/text/ for audit."""
+    num_workers: int = 0
+    """Processes reading input files in parallel; 0 = one per CPU core. Output bytes do not depend on it."""
+    num_shards: int = 1
+    """Split the per-file work into this many parts, run independently (e.g. a SLURM array), then merged."""
+    shard_index: int | None = None
+    """With num_shards > 1: which part this run processes; null = all parts then merge (one job)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens <= 0:
             raise ValueError("data.shard_tokens must be positive")
+        if self.num_shards < 1 or (self.shard_index is not None and not 0 <= self.shard_index < self.num_shards):
+            raise ValueError(f"need 0 <= data.shard_index < data.num_shards, got {self.shard_index}/{self.num_shards}")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+
+    def source_filters(self, name: str) -> FilterConfig:
+        """data.filters with the source's overrides applied (validated)."""
+        from dataclasses import asdict
+
+        return FilterConfig(**{**asdict(self.filters), **self.sources[name].filters})

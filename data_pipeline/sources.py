@@ -1,8 +1,10 @@
-"""Streaming readers for licensed sources (json, parquet, csv, text) and the license policy check."""
+"""Streaming readers for licensed sources (json lines, parquet, csv, text) and the license policy check."""
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import os
 import string
 from collections.abc import Iterator
@@ -10,12 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.config import DataConfig, SourceConfig
-
-# Users' clusters are often offline and tests must never reach a hub.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-_BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv", "text": "text"}
 
 
 class LicenseError(ValueError):
@@ -30,6 +26,8 @@ class Document:
     file_index: int
     row: int
     text: str
+    license: str | None = None
+    """The row's own license (SourceConfig.license_field), when the source has one."""
 
     @property
     def doc_id(self) -> str:
@@ -88,29 +86,116 @@ def _render(template: str, fields: list[str], row: dict) -> str | None:
     return template.format(**values)
 
 
-def iter_file(name: str, src: SourceConfig, path: Path) -> Iterator[dict | None]:
-    """Yield rows of one file as dicts through `datasets` streaming (flat memory); text files yield one row."""
-    import datasets  # lazy: heavy, and not needed by the trainer
+@dataclass(frozen=True)
+class Rejected:
+    """A row that could not become a document, with the reason it is counted under."""
 
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    kwargs = {"sample_by": "document"} if src.format == "text" else {}
-    ds = datasets.load_dataset(_BUILDERS[src.format], data_files=[str(path)], split="train", streaming=True, **kwargs)
-    yield from ds
+    reason: str
 
 
-def iter_source(name: str, src: SourceConfig, max_docs: int | None = None) -> Iterator[Document | None]:
-    """Yield a source's documents in file order; a row without the text field yields None (counted by callers)."""
+def _iter_jsonl(path: Path) -> Iterator[dict | Rejected]:
+    # Our own line reader: the `datasets` JSON builder fails the whole file on one bad line.
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Rejected("invalid_utf8")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                yield Rejected("malformed_json")
+                continue
+            yield row if isinstance(row, dict) else Rejected("malformed_json")
+
+
+def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if columns is not None:  # read only what the text template and license field need
+        columns = [c for c in columns if c in pf.schema_arrow.names] or None
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _iter_csv(path: Path) -> Iterator[dict | Rejected]:
+    with open(path, encoding="utf-8", errors="strict", newline="") as fh:
+        reader = csv.DictReader(fh)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                yield Rejected("invalid_utf8")
+                return  # the decoder's position is lost; the rest of the file cannot be trusted
+            except csv.Error:
+                yield Rejected("malformed_csv")
+                continue
+            yield row
+
+
+def _iter_text(path: Path) -> Iterator[dict | Rejected]:
+    raw = path.read_bytes()
+    try:
+        yield {"text": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        yield Rejected("invalid_utf8")
+
+
+_READERS = {"json": _iter_jsonl, "parquet": _iter_parquet, "csv": _iter_csv, "text": _iter_text}
+
+
+def iter_file(name: str, src: SourceConfig, path: Path) -> Iterator[dict | Rejected]:
+    """Stream the rows of one file (flat memory): json lines, parquet row batches, csv rows, or a whole text file.
+
+    A bad row yields Rejected(reason) and reading goes on; a file that cannot be opened or parsed at all yields
+    one Rejected("unreadable_file") after whatever rows it gave.
+    """
+    try:
+        if src.format == "parquet":
+            template = src.text if "{" in src.text else "{" + src.text + "}"
+            columns = _template_fields(template) + ([src.license_field] if src.license_field else [])
+            yield from _iter_parquet(path, columns)
+        else:
+            yield from _READERS[src.format](path)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError, its IO errors are OSErrors
+        yield Rejected("unreadable_file")
+
+
+def iter_file_docs(
+    name: str, src: SourceConfig, file_index: int, path: Path, max_docs: int | None = None
+) -> Iterator[Document | Rejected]:
+    """Documents (or rejections) of one file; a row without the text field is Rejected("missing_text")."""
     template = src.text if "{" in src.text else "{" + src.text + "}"
     fields = _template_fields(template)
+    for row_index, row in enumerate(iter_file(name, src, path)):
+        if max_docs is not None and row_index >= max_docs:
+            return
+        if isinstance(row, Rejected):
+            yield row
+            continue
+        text = _render(template, fields, row)
+        if text is None:
+            yield Rejected("missing_text")
+            continue
+        lic = row.get(src.license_field) if src.license_field else None
+        yield Document(name, file_index, row_index, text, str(lic) if lic else None)
+
+
+def iter_source(name: str, src: SourceConfig, max_docs: int | None = None) -> Iterator[Document | Rejected]:
+    """Yield a source's documents (or rejections) in file order, at most `max_docs` items."""
     n = 0
     for file_index, path in enumerate(resolve_files(name, src)):
-        for row_index, row in enumerate(iter_file(name, src, path)):
+        for item in iter_file_docs(name, src, file_index, path):
             if max_docs is not None and n >= max_docs:
                 return
             n += 1
-            text = _render(template, fields, row) if row is not None else None
-            yield None if text is None else Document(name, file_index, row_index, text)
+            yield item
 
 
 def iter_texts(data: DataConfig, *, max_docs_per_source: int | None = None) -> Iterator[str]:
@@ -131,5 +216,6 @@ def iter_texts(data: DataConfig, *, max_docs_per_source: int | None = None) -> I
         except StopIteration:
             del streams[pick]
             continue
-        if doc is not None and doc.text.strip():
-            yield doc.text
+        if isinstance(doc, Document) and doc.text.strip():
+            if doc.license is None or doc.license in data.allowed_licenses:
+                yield doc.text

@@ -7,6 +7,7 @@ Layout of RUN_DIR/checkpoints/:
         model.safetensors       full fp32 weights with our parameter names (read by evaluate and export)
         meta.json               step, model config, tokenizer sha256, batch layout, ZeRO stage
         rng_rank{R}.pt          each rank's torch / numpy / python RNG states
+        bom.json                the training data's bill of materials (data.path/manifest.json, copied)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.shards import MANIFEST
 from model.config import ModelConfig
 
 SHAPE_KEYS = (
@@ -135,6 +137,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, full
         tag_dir.mkdir(parents=True, exist_ok=True)
         save_file(full_weights, str(tag_dir / "model.safetensors"), metadata={"format": "pt"})
         (tag_dir / "meta.json").write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        # The bill of materials travels with the weights, so a checkpoint alone shows what it was trained on.
+        bom = Path(meta["data_path"]) / MANIFEST if meta.get("data_path") else None
+        if bom is not None and bom.is_file():
+            shutil.copyfile(bom, tag_dir / "bom.json")
     dist.barrier()
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)

@@ -15,6 +15,7 @@ from train.config import PretrainConfig
 
 
 def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
+    from data_pipeline.bom import bom_summary
     from model.flops import flops_per_token
     from train import build
     from train.callbacks import MetricsJsonl, Progress, Wandb
@@ -38,9 +39,11 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        (run_dir / "bom.json").write_text(json.dumps(plan.manifest, indent=2, ensure_ascii=False))
         callbacks.append(MetricsJsonl(run_dir))
         if cfg.logging.wandb.mode != "disabled":
-            callbacks.append(Wandb(cfg.logging, run_dir, resolved, cfg.run.name))
+            wandb_config = {**resolved, "data_bom": bom_summary(plan.manifest)}
+            callbacks.append(Wandb(cfg.logging, run_dir, wandb_config, cfg.run.name))
         if cfg.logging.progress:
             callbacks.append(Progress(cfg.train.max_steps, 0))
     meta = model_meta(

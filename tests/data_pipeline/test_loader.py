@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_pipeline.loader import DistributedBatchLoader, PackedSequences
 
@@ -77,3 +79,35 @@ def test_changed_dataset_is_refused(seqs):
     state = {**ld.state_dict(), "num_sequences": len(seqs) + 1}
     with pytest.raises(ValueError, match="resume with the same data"):
         ld.load_state_dict(state)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    world_before=st.sampled_from([1, 2, 4]),
+    world_after=st.sampled_from([1, 2, 4]),
+    stop=st.integers(0, 6),
+    seed=st.integers(0, 3),
+)
+def test_resume_at_any_step_with_any_world_size_repeats_and_skips_nothing(seqs, world_before, world_after, stop, seed):
+    """Record every sample id read by every rank, across a resume that changes the number of ranks."""
+    global_micro, steps = 4, 8
+
+    def loaders(world):
+        return [DistributedBatchLoader(seqs, global_micro // world, 1, r, world, seed=seed) for r in range(world)]
+
+    ref = loaders(1)[0]
+    expected = [i for _ in range(steps) for i in (ref.sample_ids(0), ref.next_step())[0]]
+    seen, ranks = [], loaders(world_before)
+    for _ in range(stop):
+        seen += [i for ld in ranks for i in ld.sample_ids(0)]
+        for ld in ranks:
+            ld.next_step()
+    state = ranks[0].state_dict()
+    ranks = loaders(world_after)
+    for ld in ranks:
+        ld.load_state_dict(state)
+    for _ in range(steps - stop):
+        seen += [i for ld in ranks for i in ld.sample_ids(0)]
+        for ld in ranks:
+            ld.next_step()
+    assert seen == expected

@@ -1,0 +1,91 @@
+"""`python -m data_pipeline.bom PATH`: what a prepared directory, a run or a checkpoint was trained on.
+
+PATH may be a prepared data directory or its manifest.json, a checkpoint tag directory (its bom.json), or a run
+directory (the latest checkpoint's bom.json, else the run's bom.json). Prints one line per source (license, docs,
+tokens, attribution) and, with --json, the summary as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline.shards import MANIFEST
+
+
+def find_bom(path: str | Path) -> Path:
+    """The bill-of-materials file for PATH (see the module docstring)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / MANIFEST, path / "bom.json"]
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        candidates.insert(0, path / "checkpoints" / latest.read_text().strip() / "bom.json")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        f"no bill of materials at {str(path)!r}: expected a prepared data directory (manifest.json), a run "
+        "directory or a checkpoint tag directory (bom.json)"
+    )
+
+
+def bom_summary(manifest: dict) -> dict:
+    """The BOM's essentials: per source license, attribution, documents and tokens; totals; tokenizer hash."""
+    sources = {
+        name: {
+            "license": s["license"],
+            "attribution": s.get("attribution", ""),
+            "docs_kept": s["docs_kept"],
+            "docs_in": s["docs_in"],
+            "tokens": s["tokens"],
+            "train_tokens": s.get("train_tokens", s["tokens"]),
+            "files": len(s.get("files", [])),
+        }
+        for name, s in manifest["sources"].items()
+    }
+    licenses: dict[str, int] = {}
+    for s in sources.values():
+        licenses[s["license"]] = licenses.get(s["license"], 0) + s["train_tokens"]
+    return {
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "train_tokens": manifest["splits"]["train"]["tokens"],
+        "val_tokens": manifest["splits"]["val"]["tokens"],
+        "train_tokens_by_license": dict(sorted(licenses.items())),
+        "sources": sources,
+    }
+
+
+def format_summary(summary: dict, where: Path) -> str:
+    lines = [f"bill of materials: {where}", f"tokenizer sha256: {summary['tokenizer_sha256']}"]
+    lines.append(f"{'source':<20} {'license':<28} {'docs kept':>12} {'train tokens':>14}  attribution")
+    for name, s in summary["sources"].items():
+        docs = f"{s['docs_kept']:,}/{s['docs_in']:,}"
+        lines.append(f"{name:<20} {s['license']:<28} {docs:>12} {s['train_tokens']:>14,}  {s['attribution']}")
+    lines.append(f"train tokens {summary['train_tokens']:,}, validation tokens {summary['val_tokens']:,}")
+    for lic, n in summary["train_tokens_by_license"].items():
+        lines.append(f"  {lic}: {n:,} train tokens")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    paths = [a for a in args if a != "--json"]
+    if len(paths) != 1:
+        print("usage: python -m data_pipeline.bom [--json] PATH (data dir, run dir, or checkpoint)", file=sys.stderr)
+        return 2
+    try:
+        where = find_bom(paths[0])
+        summary = bom_summary(json.loads(where.read_text()))
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, ensure_ascii=False) if as_json else format_summary(summary, where))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

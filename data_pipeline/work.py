@@ -1,0 +1,191 @@
+"""Per-file work of `prepare`, run in parallel processes: read, clean, filter, scrub PII, hash for dedup, tokenize.
+
+Each input file gives one result under OUT/work/ (written atomically, `.json` last):
+    {stem}.tok    the kept documents' tokens, each followed by EOS (dtype of the output)
+    {stem}.npz    per row: status (0 kept, else 1 + reason index); per kept document: row, token count, exact key,
+                  whether it has a MinHash signature (long enough for near-dedup) and the signatures of those that
+                  do, license index, PII replacements
+    {stem}.jsonl  (data.write_text) the kept documents' cleaned text, in order
+    {stem}.json   counts, reasons, licenses, input sha256, and the fingerprint of everything that shaped the result
+Results depend only on the file and the config, never on which process or part made them, so the global pass
+(`merge.py`) gives the same bytes for any data.num_workers or data.num_shards. A result whose fingerprint matches
+is reused, which is how independently run parts are merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.clean import clean_text, quality_reason
+from data_pipeline.config import DataConfig
+from data_pipeline.dedup import exact_key, permutations, signature
+from data_pipeline.pii import PLACEHOLDERS, scrub
+from data_pipeline.sources import Document, iter_file_docs
+from tokenizer.tokenizer import Tokenizer, file_sha256
+
+WORK_FORMAT = "hangang-work-v1"
+ENCODE_BATCH = 256
+PII_KINDS = tuple(PLACEHOLDERS)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One input file: its global position in (source, file) order, and where its result goes."""
+
+    index: int
+    source: str
+    file_index: int
+    path: str
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:06d}_{self.source}_{self.file_index:05d}"
+
+
+def fingerprint(data: DataConfig, tok_sha256: str, task: Task) -> str:
+    """Hash of every input of a file's result: the file's identity, its source config, filters, dedup, tokenizer."""
+    st = os.stat(task.path)
+    parts = {
+        "format": WORK_FORMAT,
+        "task": asdict(task),
+        "file": [st.st_size, st.st_mtime_ns],
+        "source": asdict(data.sources[task.source]),
+        "filters": asdict(data.source_filters(task.source)),
+        "dedup": [data.dedup.num_perm, data.dedup.shingle, data.dedup.min_chars, data.dedup.near],
+        "pii": data.pii,
+        "licenses": sorted(data.allowed_licenses),
+        "max_docs": data.max_docs_per_source,
+        "write_text": data.write_text,
+        "tokenizer": tok_sha256,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def result_is_current(work: Path, task: Task, fp: str) -> bool:
+    meta = work / f"{task.stem}.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp
+
+
+def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work: Path, threads: int) -> dict:
+    """Do the per-file work for one input file and write its result; returns the result's metadata."""
+    src = data.sources[task.source]
+    filters = data.source_filters(task.source)
+    perms = permutations(data.dedup.num_perm)
+    reasons: list[str] = []
+    licenses: list[str] = []
+    status: list[int] = []
+    rows, lengths, keys, sigs, has_sig, lic_idx, pii_rows = [], [], [], [], [], [], []
+    rejected: Counter = Counter()
+    tmp = {ext: work / f"{task.stem}.{ext}.tmp" for ext in ("tok", "jsonl")}
+    tok_fh = open(tmp["tok"], "wb")
+    text_fh = open(tmp["jsonl"], "w", encoding="utf-8") if data.write_text else None
+    batch: list[tuple[Document, str]] = []
+
+    def reject(reason: str) -> None:
+        if reason not in reasons:
+            reasons.append(reason)
+        status.append(1 + reasons.index(reason))
+        rejected[reason] += 1
+
+    def flush() -> None:
+        ids = tok.encode_batch([t for _, t in batch], num_threads=threads)
+        for (doc, text), doc_ids in zip(batch, ids, strict=True):
+            doc_ids.append(tok.eos_id)
+            tok_fh.write(np.asarray(doc_ids, dtype=dtype).tobytes())
+            lengths.append(len(doc_ids))
+            if text_fh is not None:
+                text_fh.write(json.dumps({"id": doc.doc_id, "text": text}, ensure_ascii=False) + "\n")
+        batch.clear()
+
+    for item in iter_file_docs(task.source, src, task.file_index, Path(task.path), data.max_docs_per_source):
+        if not isinstance(item, Document):
+            reject(item.reason)
+            continue
+        lic = item.license or src.license
+        if lic not in data.allowed_licenses:
+            reject("license_not_allowed")
+            continue
+        if len(item.text) > filters.max_chars:
+            reject("huge")
+            continue
+        text = clean_text(item.text)
+        if not text.strip():
+            reject("empty")
+            continue
+        reason = quality_reason(text, filters, src.language)
+        if reason:
+            reject(reason)
+            continue
+        counts: Counter = Counter()
+        if data.pii:
+            text = scrub(text, counts)
+        status.append(0)
+        rows.append(item.row)
+        keys.append(np.frombuffer(exact_key(text), dtype=np.uint8))
+        near = data.dedup.near and len(text) >= data.dedup.min_chars
+        has_sig.append(near)
+        if near:  # short documents get no signature (exact dedup only), and no row in `sigs`
+            sigs.append(signature(text, data.dedup, perms))
+        if lic not in licenses:
+            licenses.append(lic)
+        lic_idx.append(licenses.index(lic))
+        pii_rows.append([counts[k] for k in PII_KINDS])
+        batch.append((item, text))
+        if len(batch) >= ENCODE_BATCH:
+            flush()
+    flush()
+    tok_fh.close()
+    if text_fh is not None:
+        text_fh.close()
+    n = len(rows)
+    np.savez(
+        work / f"{task.stem}.npz.tmp.npz",
+        status=np.asarray(status, dtype=np.int16),
+        rows=np.asarray(rows, dtype=np.int64),
+        lengths=np.asarray(lengths, dtype=np.int64),
+        keys=np.stack(keys) if n else np.zeros((0, 16), np.uint8),
+        sigs=np.stack(sigs) if sigs else np.zeros((0, data.dedup.num_perm), np.uint64),
+        has_sig=np.asarray(has_sig, dtype=bool),
+        licenses=np.asarray(lic_idx, dtype=np.int32),
+        pii=np.asarray(pii_rows, dtype=np.int32).reshape(n, len(PII_KINDS)),
+    )
+    os.replace(work / f"{task.stem}.npz.tmp.npz", work / f"{task.stem}.npz")
+    os.replace(tmp["tok"], work / f"{task.stem}.tok")
+    if text_fh is not None:
+        os.replace(tmp["jsonl"], work / f"{task.stem}.jsonl")
+    else:
+        tmp["jsonl"].unlink(missing_ok=True)
+    meta = {
+        "fingerprint": fingerprint(data, tok.sha256, task),
+        "task": asdict(task),
+        "sha256": file_sha256(task.path),
+        "bytes": os.path.getsize(task.path),
+        "reasons": reasons,
+        "licenses": licenses,
+        "docs_in": len(status),
+        "kept": n,
+        "rejected": dict(rejected),
+    }
+    (work / f"{task.stem}.json.tmp").write_text(json.dumps(meta))
+    os.replace(work / f"{task.stem}.json.tmp", work / f"{task.stem}.json")
+    return meta
+
+
+_STATE: dict = {}
+
+
+def init_worker(data: DataConfig, tok: Tokenizer, dtype: str, work: Path, threads: int) -> None:
+    """Pool initializer: the config and tokenizer travel once per process, not once per file."""
+    _STATE.update(data=data, tok=tok, dtype=dtype, work=work, threads=threads)
+
+
+def run_task(task: Task) -> dict:
+    s = _STATE
+    return process_file(task, s["data"], s["tok"], s["dtype"], s["work"], s["threads"])
