@@ -20,6 +20,7 @@ declare -A VARIANTS=(
   [moe_auxfree]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.mtp.depth=0"
   [moe_auxloss]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_loss model.mtp.depth=0"
   [moe_auxfree_mtp]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.mtp.depth=1"
+  [moe_auxfree_g1e-2]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.moe.gamma=0.01 model.mtp.depth=0"
 )
 SEQ=128
 flops() {  # FLOPs/token of model=deepseek_tiny with overrides $1 (vocab from the tokenizer)
@@ -39,7 +40,7 @@ print(flops_per_token(model, 128))
 PYEOF
 }
 base=$(flops "${VARIANTS[dense_gqa]}")
-for name in dense_gqa dense_mla moe_auxfree moe_auxloss moe_auxfree_mtp; do
+for name in dense_gqa dense_mla moe_auxfree moe_auxloss moe_auxfree_g1e-2 moe_auxfree_mtp; do
   [ -f "$OUT/$name/summary.json" ] && continue
   f=$(flops "${VARIANTS[$name]}")
   steps=$($PY -c "print(round($BASE_STEPS * $base / $f))")
