@@ -33,6 +33,10 @@ class TokenizerConfig:
     """Show SentencePiece's own (very long) training log."""
     max_piece_length: int = 16
     """Longest vocabulary entry in characters."""
+    split_by_whitespace: bool = True
+    """Pieces end at whitespace (false: frequent multi-word pieces such as "▁수 있다" may be learned)."""
+    split_by_script: bool = True
+    """Pieces end where the Unicode script changes (false: pieces such as "다." or "(주)" may be learned)."""
     pre_segment: str = "none"
     """none | kiwi: cut Korean training text at morpheme boundaries (kiwipiepy) so no piece spans two morphemes;
     encoding never needs the analyzer."""

@@ -275,4 +275,4 @@ def test_entry_point(tmp_path):
     }  # one-doc constitution: none held out
     assert "chatbot" not in report["train_chars_per_source"]
     assert all(m["round_trip"] for m in report["held_out"].values())
-    assert report["vocab_share"]["hangul"] > 0.3 and report["vocab_share"]["byte"] == 256 / 2048
+    assert report["vocab_share"]["hangul"] > 0.3 and abs(report["vocab_share"]["byte"] - 256 / 2048) < 1e-4
