@@ -5,8 +5,8 @@
 Per file and tokenizer: characters per token, UTF-8 bytes per token, tokens per eojeol (whitespace-separated word),
 whether decode(encode(x)) == NFC(x) for every document, and encode throughput in MB/s of UTF-8 text with one
 thread and with all cores. A .txt file is split into documents at blank lines; a .jsonl file gives one document
-per line's "text" field. Text is NFC-normalized first, so every tokenizer sees the same characters. The last line
-printed is one JSON object: {file: {tokenizer: metrics}}.
+per line's "text" field, a .parquet file one per row of its "text" column. Text is NFC-normalized first, so every
+tokenizer sees the same characters. The last line printed is one JSON object: {file: {tokenizer: metrics}}.
 
 References: a directory or file holding a Hugging Face tokenizer.json, a SentencePiece .model file, a tiktoken
 (Mistral "tekken") .json, or `pkg:PACKAGE/path` for one shipped inside an installed package. References that are
@@ -43,7 +43,7 @@ class TokenizerEvalConfig:
     """What `python -m tokenizer.evaluate` measures."""
 
     files: list[str] = field(default_factory=list)
-    """Text files (.txt: documents split at blank lines; .jsonl: a "text" field per line)."""
+    """Text files (.txt: documents split at blank lines; .jsonl / .parquet: a "text" field per row)."""
     references: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCES))
     """Reference tokenizers to measure next to ours (missing ones are skipped)."""
     max_chars: int = 2_000_000
@@ -150,8 +150,12 @@ def reference(spec: str) -> Encoder | None:
 
 
 def read_documents(path: str | Path, max_chars: int) -> list[str]:
-    """NFC documents of a .txt (split at blank lines) or .jsonl ("text" field) file, up to max_chars."""
+    """NFC documents of a .txt (split at blank lines), .jsonl or .parquet ("text" field) file, up to max_chars."""
     p = Path(path)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return _take((t for t in pq.read_table(p, columns=["text"]).column("text").to_pylist() if t), max_chars)
     if p.suffix == ".jsonl":
         with open(p, encoding="utf-8") as f:
             docs = (json.loads(line)["text"] for line in f if line.strip())

@@ -45,11 +45,11 @@ def is_held_out(index: int) -> bool:
 
 
 def source_texts(data: DataConfig, name: str) -> Iterator[tuple[int, str]]:
-    """(document number, text) of one source's non-empty documents, in file order."""
+    """(document number, text) of one source's non-empty documents, in file order (data.max_docs_per_source)."""
     from data_pipeline.sources import iter_source
 
     index = 0
-    for doc in iter_source(name, data.sources[name]):
+    for doc in iter_source(name, data.sources[name], data.max_docs_per_source):
         if doc is not None and doc.text.strip():
             yield index, doc.text
             index += 1
@@ -59,7 +59,14 @@ def training_texts(data: DataConfig, split: Split, *, progress: bool = True) -> 
     """Each training source's documents (held-out ones skipped) until its budget; the last one is cut to fit."""
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(split.budgets.values()), unit="char", unit_scale=True, file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=sum(split.budgets.values()),
+        unit="char",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=2,
+    )
     try:
         for name, budget in split.budgets.items():
             bar.set_description(f"sampling {name}")

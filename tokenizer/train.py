@@ -194,6 +194,8 @@ def _train_sentencepiece(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> No
         # FIM, chat and reserved pieces at fixed ids 4..63 (tokenizer.tokenizer.SPECIAL_IDS).
         user_defined_symbols=list(EXTRA_SPECIAL_PIECES),
         max_sentencepiece_length=cfg.max_piece_length,
+        split_by_whitespace=cfg.split_by_whitespace,
+        split_by_unicode_script=cfg.split_by_script,
         max_sentence_length=cfg.max_sentence_length,
         input_sentence_size=MAX_TRAINING_LINES,
         shuffle_input_sentence=True,
