@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import data_pipeline.prepare  # noqa: F401  registers prepare_schema
+import tokenizer.evaluate  # noqa: F401  registers tokenizer_evaluate_schema
 import tokenizer.train  # noqa: F401  registers tokenizer_train_schema
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
@@ -47,6 +48,8 @@ def test_group_options_compose(group, name):
     [
         ("prepare", ["out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
+        ("tokenizer_train", ["tokenizer=ko64k", "data=shared_all", "out=/tmp/x"]),
+        ("tokenizer_evaluate", ["tokenizer.path=/tmp/x", "eval.files=[a.txt]"]),
         ("bench", []),
         ("evaluate", ["run.dir=/tmp/x", "eval.text_files=[a.txt]"]),
         ("export", ["run.dir=/tmp/x", "out=/tmp/y"]),
@@ -57,7 +60,7 @@ def test_entry_point_roots_compose(config, overrides):
 
 
 def test_every_yaml_is_covered():
-    covered = {"train", "prepare", "tokenizer_train", "bench", "evaluate", "export"}
+    covered = {"train", "prepare", "tokenizer_train", "tokenizer_evaluate", "bench", "evaluate", "export"}
     top = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert top == covered, top - covered
     assert all(isinstance(p, Path) for p in CONFIGS.rglob("*.yaml"))
