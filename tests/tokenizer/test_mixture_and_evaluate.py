@@ -53,8 +53,9 @@ def test_budgets_follow_weights():
     assert "chatbot" not in split.budgets and split.held_out_sources == ["chatbot"]
     # kowiki, nsmc x3, legal_precedents, constitution: 6 shares of 100,000
     assert split.budgets == {"kowiki": 100_000, "nsmc": 300_000, "legal_precedents": 100_000, "constitution": 100_000}
-    with pytest.raises(ValueError, match="not sources of data config"):
-        plan(data, 1000, ["nosuch"])
+    assert plan(data, 1000, ["nosuch", "chatbot"]).held_out_sources == ["chatbot"]  # ignored, with a note
+    with pytest.raises(ValueError, match="no training source"):
+        plan(data, 1000, list(data.sources))
 
 
 def test_training_text_respects_budget_and_holds_out():
