@@ -137,7 +137,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
     with tempfile.TemporaryDirectory(prefix="tokenizer_train_") as tmp:
         corpus = Path(tmp) / "corpus.txt"
         n_chars = n_lines = 0
-        next_report = 1_000_000
+        next_report = 10_000_000  # sparse: the sampling progress bar shares stderr
         with open(corpus, "w", encoding="utf-8") as f:
             cutter = None
             if cfg.pre_segment == "kiwi":
@@ -150,7 +150,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
                 n_lines += 1
                 if n_chars >= next_report:
                     _log(f"collected {n_chars:,} chars ({n_lines:,} lines)")
-                    next_report += 1_000_000
+                    next_report += 10_000_000
         if n_lines == 0:
             raise ValueError("no training text: the sources yielded no non-empty lines")
         _log(f"collected {n_chars:,} chars in {n_lines:,} lines (max_chars={cfg.max_chars:,}); training...")
