@@ -26,7 +26,9 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6"],
+        # Morpheme-aware pre-segmentation (tokenizer.pre_segment=kiwi) and Mistral's reference tokenizers.
+        "tokenizer": ["kiwipiepy>=0.20", "mistral-common>=1.5"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "kiwipiepy>=0.20"],
         "eval": ["lm-eval>=0.4.5", "accelerate"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },

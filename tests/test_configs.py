@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 import data_pipeline.prepare  # noqa: F401  registers prepare_schema
 import launch.plan  # noqa: F401  registers plan_schema
+import tokenizer.evaluate  # noqa: F401  registers tokenizer_evaluate_schema
 import tokenizer.train  # noqa: F401  registers tokenizer_train_schema
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
@@ -49,6 +50,8 @@ def test_group_options_compose(group, name):
     [
         ("prepare", ["out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
+        ("tokenizer_train", ["tokenizer=ko64k", "data=shared_all", "out=/tmp/x"]),
+        ("tokenizer_evaluate", ["tokenizer.path=/tmp/x", "eval.files=[a.txt]"]),
         ("bench", []),
         ("evaluate", ["run.dir=/tmp/x", "eval.text_files=[a.txt]"]),
         ("export", ["run.dir=/tmp/x", "out=/tmp/y"]),
@@ -61,7 +64,17 @@ def test_entry_point_roots_compose(config, overrides):
 
 
 def test_every_yaml_is_covered():
-    covered = {"train", "prepare", "tokenizer_train", "bench", "evaluate", "export", "lm_eval", "plan"}
+    covered = {
+        "train",
+        "prepare",
+        "tokenizer_train",
+        "tokenizer_evaluate",
+        "bench",
+        "evaluate",
+        "export",
+        "lm_eval",
+        "plan",
+    }
     top = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert top == covered, top - covered
     assert all(isinstance(p, Path) for p in CONFIGS.rglob("*.yaml"))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODEL_TYPES = ("bpe", "unigram")
+PRE_SEGMENTS = ("none", "kiwi")
 
 
 @dataclass
@@ -30,9 +31,24 @@ class TokenizerConfig:
     """Seed of SentencePiece's random generator (sampling of training lines)."""
     verbose: bool = False
     """Show SentencePiece's own (very long) training log."""
+    max_piece_length: int = 16
+    """Longest vocabulary entry in characters."""
+    split_by_whitespace: bool = True
+    """Pieces end at whitespace (false: frequent multi-word pieces such as "▁수 있다" may be learned)."""
+    split_by_script: bool = True
+    """Pieces end where the Unicode script changes (false: pieces such as "다." or "(주)" may be learned)."""
+    pre_segment: str = "none"
+    """none | kiwi: cut Korean training text at morpheme boundaries (kiwipiepy) so no piece spans two morphemes;
+    encoding never needs the analyzer."""
+    held_out_sources: list[str] = field(default_factory=list)
+    """Sources of the data config never trained on, only evaluated in report.json ("unseen" domains)."""
+    eval_max_chars: int = 1_000_000
+    """Characters of held-out text per source evaluated for report.json; 0 = no report."""
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"tokenizer.model_type={self.model_type!r}: choose one of {MODEL_TYPES}")
         if self.vocab_size % 128 or self.vocab_size < 512:
             raise ValueError(f"tokenizer.vocab_size={self.vocab_size} must be a multiple of 128 and >= 512")
+        if self.pre_segment not in PRE_SEGMENTS:
+            raise ValueError(f"tokenizer.pre_segment={self.pre_segment!r}: choose one of {PRE_SEGMENTS}")

@@ -14,6 +14,23 @@ MODEL_FILE = "tokenizer.model"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {PAD_ID: "<pad>", BOS_ID: "<s>", EOS_ID: "</s>", UNK_ID: "<unk>"}
 
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+N_RESERVED = 50
+EXTRA_SPECIAL_PIECES: tuple[str, ...] = (
+    (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, TURN_START, TURN_END)
+    + ROLES
+    + tuple(f"<|reserved_{i}|>" for i in range(N_RESERVED))
+)
+"""Ids 4..63, in this order (FIM 4-7, chat turn 8-9, roles 10-13, reserved 14-63): SentencePiece user-defined
+symbols, so each is one id and decodes to its own text; byte pieces follow at 64..319."""
+SPECIAL_IDS: dict[str, int] = {
+    **{piece: i for i, piece in SPECIAL_PIECES.items()},
+    **{piece: len(SPECIAL_PIECES) + k for k, piece in enumerate(EXTRA_SPECIAL_PIECES)},
+}
+"""Every special piece and its fixed id."""
+
 
 def normalize(text: str) -> str:
     """Unicode NFC, the only normalization we apply; SentencePiece itself runs with the identity rule."""
@@ -96,6 +113,15 @@ class Tokenizer:
     def sha256(self) -> str:
         """Hex SHA-256 of tokenizer.model: the identity that prepared data and runs record."""
         return self._sha256
+
+    def special_id(self, piece: str) -> int:
+        """The fixed id of a special piece such as "<|fim_prefix|>" (see SPECIAL_IDS); refuses older models."""
+        i = SPECIAL_IDS[piece]
+        if self._sp.id_to_piece(i) != piece:
+            raise ValueError(
+                f"{self.model_path}: has no {piece!r} at id {i}; retrain it with python -m tokenizer.train"
+            )
+        return i
 
     def encode(self, text: str) -> list[int]:
         """Ids of NFC(text), without bos/eos."""

@@ -79,7 +79,15 @@ def _held_out_texts() -> list[str]:
     return docs
 
 
-SMALL = TokenizerConfig(name="test1k", vocab_size=1024, character_coverage=0.99, max_chars=10_000_000)
+# Pieces may span whitespace and scripts, as in ko64k/ko128k (ko8k's defaults are covered by the mixture tests).
+SMALL = TokenizerConfig(
+    name="test1k",
+    vocab_size=1024,
+    character_coverage=0.99,
+    max_chars=10_000_000,
+    split_by_whitespace=False,
+    split_by_script=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +268,19 @@ def test_entry_point(tmp_path):
         pytest.skip("data/samples missing")
     out = tmp_path / "tok"
     cmd = [sys.executable, "-m", "tokenizer.train", "tokenizer=ko8k", "data=ko_sample", f"out={out}"]
-    cmd += ["tokenizer.vocab_size=1024", "tokenizer.max_chars=150000", "tokenizer.character_coverage=0.99"]
+    cmd += ["tokenizer.vocab_size=2048", "tokenizer.max_chars=150000", "tokenizer.character_coverage=0.99"]
+    cmd += ["tokenizer.held_out_sources=[chatbot]", "tokenizer.eval_max_chars=20000"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "collected" in proc.stderr and "trained bpe" in proc.stderr
-    assert Tokenizer.from_dir(out).vocab_size == 1024
+    assert Tokenizer.from_dir(out).vocab_size == 2048
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["held_out"]) == {
+        "kowiki",
+        "nsmc",
+        "legal_precedents",
+        "chatbot (unseen)",
+    }  # one-doc constitution: none held out
+    assert "chatbot" not in report["train_chars_per_source"]
+    assert all(m["round_trip"] for m in report["held_out"].values())
+    assert report["vocab_share"]["hangul"] > 0.3 and abs(report["vocab_share"]["byte"] - 256 / 2048) < 1e-4
