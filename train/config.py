@@ -153,10 +153,22 @@ class CheckpointConfig:
     """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints."""
     keep_last: int = 3
     """Checkpoints kept (oldest deleted first); 0 keeps all."""
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make the run finish its step, save a checkpoint and exit (SLURM: `--signal=B:USR1@180`)."""
+    preemption_grace_s: float = 120.0
+    """Time a scheduler allows between the signal and the kill; a save that took longer is reported."""
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never"):
             raise ValueError(f"checkpoint.resume={self.resume!r}: choose auto or never")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests (the `debug` block); every default leaves training untouched."""
+
+    step_sleep_s: float = 0.0
+    """Sleep after every optimizer step, so a test can signal or kill a run mid-flight."""
 
 
 @dataclass
@@ -182,6 +194,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 @dataclass

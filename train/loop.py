@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class Trainer:
         self.elapsed = 0.0  # wall seconds of training before this launch (restored on resume)
         self._launch_start: float | None = None
         self.last_val_loss: float | None = None
+        self.preemption = None  # a train.faults.PreemptionHandler, set by the entry point
+        self.preempted = False
 
     def resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.ckpt_dir, tag)
@@ -218,8 +221,18 @@ class Trainer:
             metrics["elapsed_s"] = self.elapsed + time.perf_counter() - launch_start
             if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last:
                 self.log(metrics)
-            if (ck.every_steps and self.step % ck.every_steps == 0) or self.step == stop_at:
+            if self.cfg.debug.step_sleep_s:
+                time.sleep(self.cfg.debug.step_sleep_s)
+            preempted = self.preemption is not None and self.preemption.agreed(self.d.device)
+            if (ck.every_steps and self.step % ck.every_steps == 0) or self.step == stop_at or preempted:
                 self.save()
+            if preempted:
+                waited = self.preemption.seconds_since_signal()
+                if self.d.is_main and waited is not None and waited > ck.preemption_grace_s:
+                    print(f"[preemption] saving took {waited:.0f} s after the signal, more than "
+                          f"checkpoint.preemption_grace_s={ck.preemption_grace_s:.0f}", file=sys.stderr)  # fmt: skip
+                self.preempted = True
+                break
         steady = rates[1:] or rates  # the first step pays for warm-up
         return {
             "steps": self.step,
@@ -227,4 +240,5 @@ class Trainer:
             "first_val_loss": first_val,
             "val_loss": self.last_val_loss,
             "tokens_per_s": sum(steady) / len(steady) if steady else None,
+            "preempted": self.preempted,
         }

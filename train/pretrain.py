@@ -21,6 +21,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     from train.callbacks import MetricsJsonl, Progress, Wandb
     from train.checkpoint import model_meta
     from train.engine import build_engine, init_distributed
+    from train.faults import PreemptionHandler
     from train.loop import Trainer, current_memory_gb
     from train.mfu import peak_flops
 
@@ -70,6 +71,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
         peak,
     )
     trainer.base_mem_gb = base_mem
+    trainer.preemption = PreemptionHandler(list(cfg.checkpoint.preemption_signals))
     try:
         if plan.resume_tag:
             trainer.resume(plan.resume_tag)
