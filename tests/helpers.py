@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,13 @@ def train_args(tok: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
 def torchrun_pretrain(*args: str, check: bool = True):
     """`torchrun --nproc_per_node=2 -m train.pretrain ARGS` on CPU (gloo), as a real job."""
     return run_module("torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain", *args, check=check)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step; a step logged twice (before and after a resume) keeps its last value."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out

@@ -174,7 +174,7 @@ class Trainer:
         module = self.engine.module
         mcfg = self.cfg.model
         rates: list[float] = []
-        launch_start = self._launch_start = time.perf_counter()
+        self._launch_start = time.perf_counter()
         loss = math.nan
         stop_at = t.max_steps if t.exit_after_steps is None else min(t.max_steps, self.step + t.exit_after_steps)
         while self.step < stop_at:
@@ -218,7 +218,7 @@ class Trainer:
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 metrics.update(self.evaluate())
                 self.last_val_loss = metrics.get("val_loss")
-            metrics["elapsed_s"] = self.elapsed + time.perf_counter() - launch_start
+            metrics["elapsed_s"] = self._elapsed_now()
             if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last:
                 self.log(metrics)
             if self.cfg.debug.step_sleep_s:

@@ -47,6 +47,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows by step (evaluation-only rows first); a step logged twice (after a resume) keeps its
+    last line."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    dedup = {(r["step"], "loss" in r): r for r in rows}
+    return sorted(dedup.values(), key=lambda r: (r["step"], "loss" in r))
+
+
 def find_runs(paths: list[str]) -> tuple[list[Run], list[dict]]:
     """Run directories under the given paths (a run, or a sweep holding runs), and failed sweep jobs."""
     runs, failed = [], []
@@ -56,14 +64,12 @@ def find_runs(paths: list[str]) -> tuple[list[Run], list[dict]]:
         for metrics in sorted([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl")):
             d = metrics.parent
             if (d / "config.yaml").is_file():
-                rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-                dedup = {(r["step"], "loss" in r): r for r in rows}  # a resumed run logs some steps twice
                 lm = d / "lm_eval.json"
                 runs.append(
                     Run(
                         d,
                         flatten(yaml.safe_load((d / "config.yaml").read_text())),
-                        sorted(dedup.values(), key=lambda r: (r["step"], "loss" in r)),
+                        read_metrics(d),
                         json.loads(lm.read_text()) if lm.is_file() else {},
                     )
                 )

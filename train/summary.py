@@ -10,16 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from train.report import read_metrics
+
 PROMPT = "대한민국의 역사는"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl lines; a step logged twice (after a resume) keeps its last line."""
-    rows: dict[tuple, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[(row["step"], "loss" in row)] = row
-    return sorted(rows.values(), key=lambda r: (r["step"], "loss" in r))
 
 
 def generate(hf_dir: Path, prompt: str, max_new_tokens: int = 48, seed: int = 0) -> str:

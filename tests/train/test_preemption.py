@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from tests.helpers import REPO, torchrun_pretrain, train_args
-
-
-def losses(run_dir):
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
+from tests.helpers import REPO, losses, torchrun_pretrain, train_args
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(trained_run, tiny_tokenizer, tiny_data, tmp_path):

@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import STEPS, run_module, torchrun_pretrain, train_args
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss per step; a step logged twice (before and after a resume) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
+from tests.helpers import STEPS, losses, run_module, torchrun_pretrain, train_args
 
 
 @pytest.fixture(scope="module")
