@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 ATTN_BACKENDS = ("sdpa", "flash_attn", "eager")
 ATTENTIONS = ("gqa", "mla")
 BALANCES = ("aux_free", "aux_loss")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class MoEConfig:
     """Weight of the sequence-wise balance loss in aux_loss mode."""
     ep_size: int = 1
     """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+    expert_impl: str = "auto"
+    """Routed-expert matmuls: grouped_mm (one torch._grouped_mm per projection, no host sync), loop (one matmul
+    pair per expert), or auto (grouped_mm on CPU and on CUDA in bf16, where PyTorch has the kernel; else loop)."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCES:
@@ -60,6 +64,8 @@ class MoEConfig:
             raise ValueError(f"model.moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds the experts of {self.topk_group} groups")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"model.moe.expert_impl={self.expert_impl!r}: choose one of {EXPERT_IMPLS}")
         if self.n_routed_experts % self.ep_size:
             raise ValueError(f"model.moe.ep_size={self.ep_size} must divide n_routed_experts={self.n_routed_experts}")
 
