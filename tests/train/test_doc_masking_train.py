@@ -1,7 +1,8 @@
-"""model.doc_masking through train.pretrain: the eos id comes from the tokenizer, and the masked run trains."""
+"""model.doc_masking through train.pretrain (the eos id comes from the tokenizer) and train.bench (bench.doc_len)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -35,3 +36,18 @@ def test_doc_masking_errors(tiny_tokenizer, tiny_data, tmp_path):
     assert proc.returncode == 2 and "is not the tokenizer's eos id" in proc.stderr, proc.stderr[-2000:]
     proc = run_module("train.pretrain", *args, "model.attn_backend=flex", check=False)
     assert proc.returncode == 2 and "model.attn_backend=flex trains on CUDA only" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_bench_plants_documents():
+    """bench.doc_len plants eos tokens, so doc masking changes the first loss of the same weights and batch."""
+    from model.config import ModelConfig
+    from train.bench import BenchConfig, BenchRoot, run
+
+    bench = BenchConfig(seq_len=64, micro_batch_size=2, steps=1, warmup=0, peer=False, doc_len=8, device="cpu")
+    first = {}
+    for masking in (False, True):
+        model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64)
+        summary = run(BenchRoot(model=dataclasses.replace(model, doc_masking=masking), bench=bench))
+        assert summary["doc_masking"] is masking and summary["doc_len"] == 8
+        first[masking] = summary["first_loss"]
+    assert first[True] != first[False]
