@@ -46,7 +46,9 @@ def test_bench_plants_documents():
     bench = BenchConfig(seq_len=64, micro_batch_size=2, steps=1, warmup=0, peer=False, doc_len=8, device="cpu")
     first = {}
     for masking in (False, True):
-        model = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64)
+        model = ModelConfig(
+            vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64
+        )
         summary = run(BenchRoot(model=dataclasses.replace(model, doc_masking=masking), bench=bench))
         assert summary["doc_masking"] is masking and summary["doc_len"] == 8
         first[masking] = summary["first_loss"]
