@@ -144,7 +144,7 @@ def attend(
             # enable_gqa broadcasts kv heads inside the kernel instead of materialising repeat_kv copies.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         # An arbitrary mask rules out the flash kernel; explicit kv copies keep the memory-efficient one eligible
-        # (it lacks enable_gqa), else sdpa would fall back to the O(T^2)-memory math kernel.
+        # (enable_gqa has not always been supported there), rather than a fallback to the O(T^2)-memory math kernel.
         n_rep = q.size(1) // k.size(1)
         return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask.dense, scale=scale)
     return eager_causal_attention(q, k, v, scale, None if mask is None else mask.dense)
