@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-ATTN_BACKENDS = ("sdpa", "flash_attn", "eager")
+ATTN_BACKENDS = ("sdpa", "flash_attn", "flex", "eager")
 ATTENTIONS = ("gqa", "mla")
 BALANCES = ("aux_free", "aux_loss")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
@@ -124,7 +124,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
     attn_backend: str = "sdpa"
-    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU) or eager (reference)."""
+    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU), flex (torch FlexAttention; compiled on
+    CUDA, forward-only on CPU) or eager (reference)."""
+    doc_masking: bool = False
+    """Packed sequences: no attention across documents; a position right after an `eos_id` token starts a new
+    document (DeepSeek-V3 packs without it, Llama 3 with it)."""
+    doc_position_reset: bool = False
+    """With doc_masking: RoPE positions restart at 0 in every document (Llama 3 keeps running positions)."""
+    eos_id: int = -1
+    """Document separator for doc_masking; -1 takes the tokenizer's eos id at build time."""
     init_std: float = 0.02
     attention: str = "gqa"
     """gqa (Llama: q/k/v/o with n_kv_heads) | mla (DeepSeek-V2/V3 multi-head latent attention; ignores n_kv_heads)."""
@@ -168,6 +176,16 @@ class ModelConfig:
         for key in ("n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "d_model"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.attention == "mla" and self.attn_backend == "flash_attn":
+            if self.v_head_dim > self.qk_nope_head_dim + self.qk_rope_head_dim:
+                raise ValueError(
+                    "model.attn_backend=flash_attn needs model.v_head_dim <= qk_nope_head_dim + qk_rope_head_dim "
+                    "(v is zero-padded to the qk head dim); use model.attn_backend=flex or sdpa"
+                )
+        if self.doc_position_reset and not self.doc_masking:
+            raise ValueError("model.doc_position_reset=true needs model.doc_masking=true (documents come from it)")
+        if self.eos_id < -1:
+            raise ValueError(f"model.eos_id must be a token id or -1 (= from the tokenizer), got {self.eos_id}")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
 
