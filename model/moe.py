@@ -100,6 +100,9 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
@@ -107,6 +110,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._liger is not None:
+            return self.down_proj(self._liger.liger_swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention, MLAttention
+from model.checkpointing import run_block
 from model.config import ModelConfig
+from model.kernels import use_kernels
+from model.loss import LMHead
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -65,7 +67,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_impl, cfg.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.mtp.depth:
@@ -77,6 +79,7 @@ class Transformer(nn.Module):
         """Detached statistics of the last forward with labels (MoE / MTP models only): ce_loss, aux_loss,
         mtp_loss, moe_loads (n_moe_layers, E) routed-token counts."""
         self.init_weights()
+        use_kernels(self, cfg.kernels)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -119,12 +122,13 @@ class Transformer(nn.Module):
         T = input_ids.size(1)
         cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         x = self.embed_tokens(input_ids)  # (B, T, d)
+        ac = self.cfg.activation_checkpointing if self.training else "none"
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+            x = run_block(layer, ac, x, cos, sin)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return self.lm_head(self.norm(x))  # (B, T, V) logits
+        # model.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
+        loss = self.lm_head(self.norm(x), labels)
         if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
             return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
         stats = {"ce_loss": loss.detach()}
@@ -134,9 +138,9 @@ class Transformer(nn.Module):
             h = x
             for k, module in enumerate(self.mtp, start=1):
                 # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
-                h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos[: T - k], sin[: T - k])
-                lg = self.lm_head(module.norm(h))  # (B, T-k, V)
-                mtp_losses.append(F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+                emb = self.embed_tokens(input_ids[:, k:])
+                h = run_block(module, ac, h[:, :-1], emb, cos[: T - k], sin[: T - k])
+                mtp_losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
             mtp_loss = torch.stack(mtp_losses).mean()
             total = total + self.mtp_weight * mtp_loss
             stats["mtp_loss"] = mtp_loss.detach()
