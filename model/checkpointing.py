@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -45,12 +46,12 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def run_block(block: torch.nn.Module, mode: str, *args: torch.Tensor) -> torch.Tensor:
-    """block(*args) under activation checkpointing `mode` (none | selective | full); none outside autograd."""
+def run_block(fn: Callable[..., torch.Tensor], mode: str, *args: torch.Tensor) -> torch.Tensor:
+    """fn(*args) under activation checkpointing `mode` (none | selective | full); none outside autograd."""
     if mode == "none" or not torch.is_grad_enabled():
-        return block(*args)
+        return fn(*args)
     if mode == "full":
-        return checkpoint(block, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False)
     if mode == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_context)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_context)
     raise ValueError(f"model.activation_checkpointing={mode!r}: choose none, selective or full")

@@ -29,8 +29,14 @@ class Block(nn.Module):
         self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.d_model, cfg.ffn_hidden)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Checkpointing inside forward, so `block.compile()` compiles the checkpointed region (torchtitan's order).
+        mode = self.activation_checkpointing if self.training else "none"
+        return run_block(self._forward, mode, x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -122,9 +128,8 @@ class Transformer(nn.Module):
         T = input_ids.size(1)
         cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         x = self.embed_tokens(input_ids)  # (B, T, d)
-        ac = self.cfg.activation_checkpointing if self.training else "none"
         for layer in self.layers:
-            x = run_block(layer, ac, x, cos, sin)
+            x = layer(x, cos, sin)
         if labels is None:
             return self.lm_head(self.norm(x))  # (B, T, V) logits
         # model.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
@@ -139,7 +144,7 @@ class Transformer(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
                 emb = self.embed_tokens(input_ids[:, k:])
-                h = run_block(module, ac, h[:, :-1], emb, cos[: T - k], sin[: T - k])
+                h = module(h[:, :-1], emb, cos[: T - k], sin[: T - k])
                 mtp_losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
             mtp_loss = torch.stack(mtp_losses).mean()
             total = total + self.mtp_weight * mtp_loss

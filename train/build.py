@@ -62,6 +62,10 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         from model.attention import load_flash_attn
 
         load_flash_attn()  # fails here, with its own message, rather than after the processes have started
+    if cfg.train.fp8:
+        from train.optimize import check_fp8
+
+        check_fp8()
     layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)

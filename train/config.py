@@ -134,6 +134,10 @@ class TrainConfig:
     """torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
     exit_after_steps: int | None = None
     """Save a checkpoint and exit after this many steps of this launch (time-limited jobs; resume tests)."""
+    compile: bool = False
+    """torch.compile each decoder block (not the whole model); parameter names and checkpoints are unchanged."""
+    fp8: bool = False
+    """FP8 matmuls in the blocks through torchao float8 training (Hopper GPUs; needs torchao)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
