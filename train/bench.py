@@ -2,7 +2,7 @@
 (LlamaForCausalLM, or DeepseekV3ForCausalLM for MLA models).
 
     python -m train.bench model=tiny bench.seq_len=256 bench.micro_batch_size=8 bench.steps=10
-    python -m train.bench bench.suite=configs/bench_suite/h100.yaml bench.table_out=BENCHMARKS.md
+    python -m train.bench bench.suite=configs/bench_suite/h100_dense.yaml bench.table_out=BENCHMARKS.md
 
 One model: prints one JSON line per model, then a JSON summary (ours, with the peer nested and the speedup) as the
 last line. A suite (train/bench_suite.py) runs every variant of a suite file in its own subprocess and writes a
@@ -68,7 +68,7 @@ class BenchConfig:
     subprocess per try); in a suite, for every variant."""
     max_micro_batch: int = 1024
     """Upper bound of that search."""
-    variant_timeout_s: int = 1800
+    variant_timeout_s: int = 900
     """Suite / search: a subprocess running longer is killed and recorded as a timeout."""
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Benchmark suites: every variant of a suite file in its own `python -m train.bench` subprocess (clean peak memory
 and compile caches; an out-of-memory variant is recorded as OOM and the rest still run), then one Markdown table.
 
-    python -m train.bench bench.suite=configs/bench_suite/h100.yaml bench.table_out=BENCHMARKS.md
+    python -m train.bench bench.suite=configs/bench_suite/h100_dense.yaml bench.table_out=BENCHMARKS.md
 
 A suite file holds `common` (Hydra overrides for every variant) and `variants` (each a `name` and its
 `overrides`); a variant with `bench.impl=transformers` is the peer the others' speedup is computed against.
@@ -18,8 +18,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-START = "<!-- bench-suite:start -->"
-END = "<!-- bench-suite:end -->"
+
+def markers(suite: str) -> tuple[str, str]:
+    """The comment pair around a suite's table, keyed by the suite file's name (several suites, one file)."""
+    name = Path(suite).stem
+    return f"<!-- bench-suite:{name}:start -->", f"<!-- bench-suite:{name}:end -->"
+
+
 OOM_MARKERS = ("OutOfMemoryError", "out of memory", "CUDA error: out of memory")
 # Keys the parent sets for its children; a child never recurses into a suite or a search.
 CHILD_FIXED = ("bench.suite=null", "bench.table_out=null", "bench.find_max_micro_batch=false", "bench.peer=false")
@@ -98,7 +103,7 @@ def find_max_micro_batch(overrides: list[str], bc) -> dict:
 
 def load_suite(path: str) -> tuple[list[str], list[dict]]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"bench.suite={path}: no such file (see configs/bench_suite/h100.yaml)")
+        raise FileNotFoundError(f"bench.suite={path}: no such file (see configs/bench_suite/h100_dense.yaml)")
     suite = OmegaConf.to_container(OmegaConf.load(path))
     variants = suite.get("variants") or []
     if not variants or any(not isinstance(v, dict) or "name" not in v for v in variants):
@@ -167,22 +172,25 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(path: str, table: str) -> None:
-    """Replace the text between the bench-suite markers of `path` (appending a marked section when absent)."""
+def write_table(path: str, table: str, suite: str) -> None:
+    """Replace the text between the suite's markers in `path` (appending a marked section when absent)."""
+    start, end = markers(suite)
     p = Path(path)
-    block = f"{START}\n{table}{END}"
+    block = f"{start}\n{table}{end}"
     text = p.read_text() if p.exists() else ""
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
     p.write_text(text)
 
 
 def run_suite(bc) -> list[dict]:
-    """Run every variant of bench.suite; print each result as a JSON line, then the table; write bench.table_out."""
+    """Run every variant of bench.suite; print each result as a JSON line, then the table. bench.table_out is
+    rewritten after every variant, so a suite cut short still leaves the rows it finished."""
     common, variants = load_suite(bc.suite)
+    command = "python -m train.bench " + " ".join(sys.argv[1:])
     rows = []
     for v in variants:
         overrides = [*common, *(v.get("overrides") or [])]
@@ -192,10 +200,8 @@ def run_suite(bc) -> list[dict]:
             r["max_micro_batch_size"] = find_max_micro_batch(overrides, bc)["max_micro_batch_size"]
         print(json.dumps(r), flush=True)
         rows.append(r)
-    speedups(rows)
-    command = "python -m train.bench " + " ".join(sys.argv[1:])
-    table = markdown(rows, command)
-    print(table, flush=True)
-    if bc.table_out:
-        write_table(bc.table_out, table)
+        speedups(rows)
+        if bc.table_out:
+            write_table(bc.table_out, markdown(rows, command), bc.suite)
+    print(markdown(rows, command), flush=True)
     return rows

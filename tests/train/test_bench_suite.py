@@ -13,7 +13,7 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Block, Transformer
-from train.bench_suite import END, START, search_max, write_table
+from train.bench_suite import markers, search_max, write_table
 from train.optimize import check_fp8, compile_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,14 +34,15 @@ def test_search_max_finds_the_largest_fit(start, limit):
 
 
 def test_write_table_replaces_only_between_markers(tmp_path):
+    (a0, a1), (b0, b1) = markers("configs/bench_suite/a.yaml"), markers("b.yaml")
     path = tmp_path / "B.md"
-    path.write_text(f"# Benchmarks\n\nintro\n{START}\nold table\n{END}\n\n## Other section\ntext\n")
-    write_table(str(path), "new table\n")
-    assert path.read_text() == f"# Benchmarks\n\nintro\n{START}\nnew table\n{END}\n\n## Other section\ntext\n"
+    path.write_text(f"# Benchmarks\n\nintro\n{a0}\nold a\n{a1}\n\n## Other\n{b0}\nold b\n{b1}\ntext\n")
+    write_table(str(path), "new a\n", "a.yaml")
+    assert path.read_text() == f"# Benchmarks\n\nintro\n{a0}\nnew a\n{a1}\n\n## Other\n{b0}\nold b\n{b1}\ntext\n"
     fresh = tmp_path / "new.md"
-    write_table(str(fresh), "t\n")
-    write_table(str(fresh), "u\n")
-    assert fresh.read_text() == f"{START}\nu\n{END}\n"
+    write_table(str(fresh), "t\n", "b.yaml")
+    write_table(str(fresh), "u\n", "b.yaml")
+    assert fresh.read_text() == f"{b0}\nu\n{b1}\n"
 
 
 def test_suite_runs_each_variant_and_records_failures(tmp_path):
@@ -55,7 +56,8 @@ def test_suite_runs_each_variant_and_records_failures(tmp_path):
         "  - {name: ours, overrides: [model.loss_impl=chunked, model.activation_checkpointing=selective]}\n"
     )
     table = tmp_path / "BENCH.md"
-    table.write_text(f"keep\n{START}\n{END}\nkeep too\n")
+    start, end = markers(str(suite))
+    table.write_text(f"keep\n{start}\n{end}\nkeep too\n")
     cmd = [sys.executable, "-m", "train.bench", f"bench.suite={suite}", f"bench.table_out={table}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -66,7 +68,7 @@ def test_suite_runs_each_variant_and_records_failures(tmp_path):
     assert (rows[2]["loss_impl"], rows[2]["activation_checkpointing"]) == ("chunked", "selective")
     assert rows[0]["first_loss"] == pytest.approx(rows[2]["first_loss"], abs=1e-3)  # same weights and batch
     text = table.read_text()
-    assert text.startswith(f"keep\n{START}\nDevice: cpu") and text.endswith(f"{END}\nkeep too\n")
+    assert text.startswith(f"keep\n{start}\nDevice: cpu") and text.endswith(f"{end}\nkeep too\n")
     ours_row = next(line for line in text.splitlines() if line.startswith("| ours |"))
     assert "| chunked |" in ours_row and "| selective |" in ours_row and ours_row.count("x |") == 1  # speedup
 
@@ -97,3 +99,19 @@ def test_overlap_settings_reach_the_deepspeed_config():
     out = deepspeed_config(ds, OptimConfig(), make_layout(8192, 256, 8, 2), torch.bfloat16)["zero_optimization"]
     assert (out["overlap_comm"], out["contiguous_gradients"]) == (True, False)
     assert (out["reduce_bucket_size"], out["allgather_bucket_size"]) == (123, 7)
+
+
+@pytest.mark.parametrize("suite", sorted((ROOT / "configs" / "bench_suite").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_suites_compose(suite):
+    """Every variant of every shipped suite is a valid `python -m train.bench` command line."""
+    from hydra import compose, initialize_config_dir
+
+    import train.bench  # noqa: F401  (registers bench_schema)
+    from data_pipeline.cli import to_object_strict
+    from train.bench_suite import load_suite
+
+    common, variants = load_suite(str(suite))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        for v in variants:
+            root = to_object_strict(compose("bench", overrides=[*common, *v["overrides"]]))
+            assert root.bench.seq_len <= root.model.max_seq_len, v["name"]
