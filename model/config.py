@@ -141,7 +141,8 @@ class ModelConfig:
     loss_chunk_size: int = 4096
     """Rows (tokens) per logits chunk for loss_impl=chunked: one (chunk, V) fp32 block is the peak extra memory."""
     kernels: str = "torch"
-    """RMSNorm, SwiGLU and (GQA) RoPE: torch (reference) | liger (liger-kernel Triton kernels; CUDA only)."""
+    """RMSNorm, SwiGLU (dense and experts) and GQA RoPE: torch (reference) | liger (liger-kernel Triton kernels;
+    CUDA only)."""
     activation_checkpointing: str = "none"
     """none | selective (keep matmul and attention outputs, recompute norms, RoPE and activations in backward) |
     full (keep only each block's input; recompute the whole block)."""

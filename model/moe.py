@@ -59,6 +59,9 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights; tokens are sorted by expert and each expert runs one matmul on its slice."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
     def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
         self.n_experts = n_experts
@@ -78,7 +81,8 @@ class Experts(nn.Module):
         # empty slice, so every rank touches every expert weight: no ZeRO-3 gather/reduce mismatch.
         for e, chunk in enumerate(xs.split(counts)):
             g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))
+            act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
+            outs.append(F.linear(act, self.down_proj[e]))
         ys = torch.cat(outs) * gates.flatten()[order, None]  # (N*K, d), fp32 gates as HF
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 

@@ -212,3 +212,37 @@ def test_chunked_loss_keeps_no_logits():
     kept_torch = saved_bytes(cfg, x, y)[0]
     kept_chunked = saved_bytes(dataclasses.replace(cfg, loss_impl="chunked", loss_chunk_size=8), x, y)[0]
     assert kept_torch - kept_chunked >= x.numel() * cfg.vocab_size * 4, (kept_torch, kept_chunked)
+
+
+def _fp8_ready() -> bool:
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _fp8_ready(), reason="needs torchao and an FP8 GPU (sm_89+)")
+def test_fp8_loss_stays_within_half_a_percent_of_bf16_on_gpu():
+    """Issue 8: FP8 (torchao float8, tensorwise) training losses over the first steps within 0.5% of BF16."""
+    from train.optimize import optimize_model
+
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=768)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(cfg.vocab_size, (10, 8, 257), generator=g).cuda()
+    curves = {}
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = optimize_model(Transformer(cfg).train(), compile=False, fp8=fp8)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        curves[fp8] = []
+        for tokens in data:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curves[fp8].append(loss.item())
+    for step, (a, b) in enumerate(zip(curves[False], curves[True], strict=True)):
+        assert abs(b - a) / a < 5e-3, (step, a, b)
