@@ -14,7 +14,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.masking import AttnMask
 from model.norm import RMSNorm
-from model.rope import apply_rotary
+from model.rope import apply_rotary, apply_rotary_qk
 
 FLASH_ATTN_MISSING = (
     "model.attn_backend=flash_attn requested but flash-attn is not installed: install it with "
@@ -153,6 +153,9 @@ def attend(
 class Attention(nn.Module):
     """Llama self-attention: bias-free q/k/v/o projections, RoPE on q and k, causal GQA."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused RoPE)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -175,7 +178,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_qk(q, k, cos, sin, self._liger)
         y = attend(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)

@@ -8,6 +8,9 @@ ATTN_BACKENDS = ("sdpa", "flash_attn", "flex", "eager")
 ATTENTIONS = ("gqa", "mla")
 BALANCES = ("aux_free", "aux_loss")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+LOSS_IMPLS = ("torch", "chunked", "liger")
+KERNELS = ("torch", "liger")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclass
@@ -146,6 +149,17 @@ class ModelConfig:
     """MLA: decoupled RoPE dims (one RoPE key shared by all heads)."""
     v_head_dim: int = 32
     """MLA: per-head value dims."""
+    loss_impl: str = "torch"
+    """Output head + cross-entropy: torch (full (B*T, V) fp32 logits) | chunked (pure PyTorch, `loss_chunk_size`
+    rows of logits at a time, recomputed in backward) | liger (liger-kernel's fused Triton kernel; CUDA only)."""
+    loss_chunk_size: int = 4096
+    """Rows (tokens) per logits chunk for loss_impl=chunked: one (chunk, V) fp32 block is the peak extra memory."""
+    kernels: str = "torch"
+    """RMSNorm, SwiGLU (dense and experts) and GQA RoPE: torch (reference) | liger (liger-kernel Triton kernels;
+    CUDA only)."""
+    activation_checkpointing: str = "none"
+    """none | selective (keep matmul and attention outputs, recompute norms, RoPE and activations in backward) |
+    full (keep only each block's input; recompute the whole block)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
 
@@ -165,6 +179,15 @@ class ModelConfig:
                 raise ValueError("model.qk_rope_head_dim must be even for RoPE")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 raise ValueError("model.q_lora_rank must be positive or null")
+        for key, allowed in (
+            ("loss_impl", LOSS_IMPLS),
+            ("kernels", KERNELS),
+            ("activation_checkpointing", ACTIVATION_CHECKPOINTING),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"model.loss_chunk_size must be positive, got {self.loss_chunk_size}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}: choose one of {ATTN_BACKENDS}")
         if self.d_model % self.n_heads:

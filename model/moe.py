@@ -60,6 +60,9 @@ class Experts(nn.Module):
     """E SwiGLU experts as stacked weights; tokens are sorted by expert and run as grouped matmuls (or one matmul pair
     per expert, `impl=loop`), never a per-token loop."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
     def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
         super().__init__()
         self.n_experts, self.impl = n_experts, impl
@@ -90,14 +93,15 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(-2, -1), offs=offs)
             g, u = h.chunk(2, dim=-1)
-            a = (F.silu(g) * u * g_sorted).to(dt)
+            a = ((F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)) * g_sorted).to(dt)
             ys = torch._grouped_mm(a, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
         else:
             outs = []
             # An expert with no tokens still runs on an empty slice, so every rank touches every expert weight.
             for e, chunk in enumerate(xs.split(counts.tolist())):
                 g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-                outs.append(F.linear((F.silu(g) * u * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
+                act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
+                outs.append(F.linear((act * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
                 g_sorted = g_sorted[chunk.size(0) :]
             ys = torch.cat(outs)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
@@ -120,6 +124,9 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
@@ -127,6 +134,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._liger is not None:
+            return self.down_proj(self._liger.liger_swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -61,3 +61,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (B, n_heads, T, hd) by cos/sin (T, hd) or (B, 1, T, hd); computed in fp32, returned in x's dtype."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, liger=None):
+    """apply_rotary to q (B, nh, T, hd) and k (B, n_kv, T, hd); through Liger's fused RoPE kernel when `liger`
+    (liger_kernel.transformers.functional) is given."""
+    if liger is not None:
+        return liger.liger_rope(q, k, cos[None], sin[None])
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

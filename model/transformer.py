@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention, MLAttention
+from model.checkpointing import run_block
 from model.config import ModelConfig
+from model.kernels import use_kernels
+from model.loss import LMHead
 from model.masking import AttnMask, build_attn_mask, document_ids, document_positions
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
@@ -28,8 +30,16 @@ class Block(nn.Module):
         self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.d_model, cfg.ffn_hidden)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        # Checkpointing inside forward, so `block.compile()` compiles the checkpointed region (torchtitan's order).
+        mode = self.activation_checkpointing if self.training else "none"
+        return run_block(self._forward, mode, x, cos, sin, mask)
+
+    def _forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -75,7 +85,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_impl, cfg.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.mtp.depth:
@@ -87,6 +97,7 @@ class Transformer(nn.Module):
         """Detached statistics of the last forward with labels (MoE / MTP models only): ce_loss, aux_loss,
         mtp_loss, moe_loads (n_moe_layers, E) routed-token counts."""
         self.init_weights()
+        use_kernels(self, cfg.kernels)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -137,10 +148,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return self.lm_head(self.norm(x))  # (B, T, V) logits
+        # model.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
+        loss = self.lm_head(self.norm(x), labels)
         if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
             return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
         stats = {"ce_loss": loss.detach()}
@@ -156,8 +167,7 @@ class Transformer(nn.Module):
                 )
                 emb = self.embed_tokens(input_ids[:, k:])
                 h = module(h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
-                lg = self.lm_head(module.norm(h))  # (B, T-k, V)
-                mtp_losses.append(F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+                mtp_losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
             mtp_loss = torch.stack(mtp_losses).mean()
             total = total + self.mtp_weight * mtp_loss
             stats["mtp_loss"] = mtp_loss.detach()

@@ -78,6 +78,17 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         from model.attention import load_flash_attn
 
         load_flash_attn()  # fails here, with its own message, rather than after the processes have started
+    if model.activation_checkpointing == "selective" and cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 gathers parameters inside the checkpointed region, so the recompute replays other operators than
+        # the forward did and selective checkpointing's operator cache fails in backward.
+        raise ValueError(
+            "model.activation_checkpointing=selective does not work with deepspeed.zero_stage=3: use "
+            "activation_checkpointing=full, or zero_stage 0-2"
+        )
+    if cfg.train.fp8:
+        from train.optimize import check_fp8
+
+        check_fp8()
     layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)
