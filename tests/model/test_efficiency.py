@@ -183,6 +183,7 @@ def test_checkpointing_is_off_in_eval():
     torch.testing.assert_close(model(x), ref(x))
 
 
+@pytest.mark.gpu
 @gpu_liger
 @pytest.mark.parametrize("make", [dense_cfg, moe_cfg], ids=["dense", "mla_moe_mtp"])
 def test_liger_matches_torch_on_gpu(make):
@@ -222,6 +223,7 @@ def _fp8_ready() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _fp8_ready(), reason="needs torchao and an FP8 GPU (sm_89+)")
 def test_fp8_loss_stays_within_half_a_percent_of_bf16_on_gpu():
     """Issue 8: FP8 (torchao float8, tensorwise) training losses over the first steps within 0.5% of BF16."""
