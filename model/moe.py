@@ -56,30 +56,72 @@ class Router(nn.Module):
             self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
-class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights; tokens are sorted by expert and each expert runs one matmul on its slice."""
+class ExpertDispatcher:
+    """Moves routed token copies to the ranks that hold their experts and back (expert parallelism).
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
+    This base class is the single-process case: every expert is local, nothing moves. `train/` injects a subclass
+    that exchanges rows between the `ep_size` ranks of an expert-parallel group with all-to-all, so the model never
+    imports torch.distributed. Rank `ep_rank` holds global experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size).
+    """
+
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """x (M, d) rows sorted by global expert, counts (E,) rows per global expert -> rows received here (M', d)
+        ordered by source rank then local expert, their counts (ep_size, E / ep_size), and a handle for `combine`."""
+        return x, counts.view(1, -1), None
+
+    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
+        """Inverse of `dispatch`: expert outputs (M', d) in received order -> (M, d) in the sender's order."""
+        return y
+
+
+class Experts(nn.Module):
+    """SwiGLU experts as stacked weights; tokens are sorted by expert and each expert runs one matmul on its slice.
+
+    With a dispatcher of ep_size > 1 this rank holds only its E / ep_size local experts (`expert_offset` is the
+    global id of the first); the weights keep HF's names, and the full (E, ...) tensors are these slices stacked in
+    rank order.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
+        self.dispatcher = dispatcher or ExpertDispatcher()
         self.n_experts = n_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))  # [gate; up], as HF
-        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.n_local = n_experts // self.dispatcher.ep_size
+        self.expert_offset = self.dispatcher.ep_rank * self.n_local
+        self.gate_up_proj = nn.Parameter(torch.empty(self.n_local, 2 * hidden, d_model))  # [gate; up], as HF
+        self.down_proj = nn.Parameter(torch.empty(self.n_local, d_model, hidden))
+
+    def _run_local(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """xs (M, d) grouped by local expert, counts[e] rows each -> expert outputs (M, d), same order."""
+        outs = []
+        # One matmul pair per expert (E iterations, not per token). An expert with no tokens still runs on an
+        # empty slice, so every rank touches every expert weight: no ZeRO gather/reduce mismatch, no missing grad.
+        for e, chunk in enumerate(xs.split(counts)):
+            g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))
+        return torch.cat(outs)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (N, d), idx/gates (N, K) -> sum_k gates[:, k] * expert_{idx[:, k]}(x), (N, d). No token is dropped."""
         K = idx.size(1)
         flat = idx.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
         token = order // K
-        xs = x[token]  # (N*K, d), grouped by expert
-        outs = []
-        # One matmul pair per expert (E iterations, not per token). An expert with no tokens still runs on an
-        # empty slice, so every rank touches every expert weight: no ZeRO-3 gather/reduce mismatch.
-        for e, chunk in enumerate(xs.split(counts)):
-            g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))
-        ys = torch.cat(outs) * gates.flatten()[order, None]  # (N*K, d), fp32 gates as HF
+        xs = x[token]  # (N*K, d), grouped by global expert
+        if self.dispatcher.ep_size == 1:
+            ys = self._run_local(xs, counts.tolist())
+        else:
+            recv, recv_counts, handle = self.dispatcher.dispatch(xs, counts)  # (M', d); (ep_size, n_local)
+            # Received rows come grouped by source rank, then local expert; regroup them by local expert.
+            local_id = torch.arange(self.n_local, device=x.device).repeat(recv_counts.size(0))
+            by_expert = local_id.repeat_interleave(recv_counts.flatten()).argsort(stable=True)  # (M',)
+            out = self._run_local(recv[by_expert], recv_counts.sum(0).tolist())
+            ys = self.dispatcher.combine(out[by_expert.argsort()], handle)  # back in `order`, (N*K, d)
+        ys = ys * gates.flatten()[order, None]  # fp32 gates as HF
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
@@ -111,13 +153,17 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Forward records `last_load` (E,) and `last_aux` (scalar)."""
+    """Shared experts (always on) + routed experts. Forward records `last_load` (E,) and `last_aux` (scalar).
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+    The router, its bias and `last_load` always cover all E experts (every rank routes over the global set); only
+    the routed experts' weights are sharded when `dispatcher.ep_size > 1`.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.gate = Router(d_model, cfg)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, dispatcher)
         self.shared_experts = MLP(d_model, cfg.ffn_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.last_load: torch.Tensor | None = None
         self.last_aux: torch.Tensor | None = None
