@@ -80,7 +80,7 @@ def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
         torch.set_num_threads(n)
 
 
-def build_model(model: ModelConfig, seed: int):
+def build_model(model: ModelConfig, seed: int, zero_stage: int = 0):
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
     its slices of the same experts). With model.moe.ep_size > 1 this creates the expert groups (collective)."""
     from model.transformer import Transformer
@@ -91,7 +91,7 @@ def build_model(model: ModelConfig, seed: int):
     torch.manual_seed(seed)
     module = Transformer(model, dispatcher)
     if dispatcher is not None:
-        expert_parallel.prepare_model(module, ep_size)
+        expert_parallel.prepare_model(module, ep_size, zero_stage)
     return module
 
 

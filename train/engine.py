@@ -152,7 +152,8 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     out: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():  # named_parameters skips tied duplicates
         if is_expert_param(param):
-            full = gather_experts(param)
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = gather_experts(param)
             if dist.get_rank() == 0:
                 out[name] = full.to("cpu", torch.float32).clone()
         elif hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather one parameter at a time to bound memory

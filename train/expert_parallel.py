@@ -83,13 +83,6 @@ def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int
             "the mean of each rank's local norm, which misses the other ranks' expert shards, so clipped steps would "
             "differ from ep_size=1. Use deepspeed.zero_stage=1 or 2 with ep_size > 1"
         )
-    if zero_stage >= 3:
-        raise ValueError(
-            f"model.moe.ep_size={ep_size} with deepspeed.zero_stage=3: DeepSpeed partitions expert-parallel "
-            "parameters under ZeRO-3 only for its own AutoEP layers (its engine rejects any other MoE module with "
-            "'Native DeepSpeed MoE is not supported with ZeRO Stage 3'). Use deepspeed.zero_stage=1 or 2 with "
-            "ep_size > 1, or ep_size=1 with ZeRO-3 (ZeRO then shards the experts like any other parameter)"
-        )
 
 
 def make_dispatcher(ep_size: int) -> AllToAllDispatcher | None:
@@ -141,13 +134,23 @@ MARKER = "deepspeed_ep_marker"
 """Attribute name of the marker on the model (a child module; it holds no state, so state dicts are unchanged)."""
 
 
-def prepare_model(model: nn.Module, ep_size: int) -> None:
-    """Tag the expert parameters as DeepSpeed does for its MoE layers and attach the marker (before initialize)."""
-    params = expert_params(model)
-    for p in params:
+def prepare_model(model: nn.Module, ep_size: int, zero_stage: int) -> None:
+    """Tag the expert parameters as DeepSpeed does for its expert-parallel layers (before deepspeed.initialize)."""
+    from deepspeed.utils import groups
+
+    name = group_name(ep_size)
+    for p in expert_params(model):
         p.allreduce = False
-        p.group_name = group_name(ep_size)
-    model.add_module(MARKER, _marker_class()(ep_size, model.cfg.moe.n_routed_experts))
+        p.group_name = name
+        if zero_stage == 3:
+            # ZeRO-3 partitions a parameter over `ds_zero_partition_process_group` when it has one, and averages
+            # the gradients of the "autoep_expert" family over all data-parallel ranks while reducing them only
+            # within that group: the placement DeepSpeed gives its own AutoEP experts.
+            p.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(name)
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = name
+    if zero_stage < 3:  # under ZeRO-3 the engine refuses native MoE layers; the placement above is enough there
+        model.add_module(MARKER, _marker_class()(ep_size, model.cfg.moe.n_routed_experts))
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -176,7 +179,8 @@ def load_local_experts(model: nn.Module, weights: str) -> None:
 
     with safe_open(weights, framework="pt") as f:
         for name, module in model.named_modules():
-            if isinstance(module, Experts) and module.dispatcher.ep_size > 1:
+            # ZeRO-3 partitions are restored by the engine from each rank's own optimizer file.
+            if isinstance(module, Experts) and module.dispatcher.ep_size > 1 and not hasattr(module.down_proj, "ds_id"):
                 local = slice(module.expert_offset, module.expert_offset + module.n_local)
                 for pname in ("gate_up_proj", "down_proj"):
                     param = getattr(module, pname)
