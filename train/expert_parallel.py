@@ -2,9 +2,12 @@
 
 The model sees only `AllToAllDispatcher` (a `model.moe.ExpertDispatcher`). DeepSpeed sees expert parameters the way
 its own MoE layers present them: `allreduce = False` and `group_name = "ep_size_N"`, their own optimizer param
-groups, and its expert-parallel / expert-data-parallel process groups (deepspeed.utils.groups). So ZeRO 1/2 partition
-expert weights, gradients and optimizer states over the expert-data-parallel group (world / ep_size ranks holding
-the same experts) and never reduce them across the expert-parallel group; the dense parameters are unchanged.
+groups, and its expert-parallel / expert-data-parallel process groups (deepspeed.utils.groups). So ZeRO 1, 2 and 3
+partition expert weights (stage 3), gradients and optimizer states over the expert-data-parallel group (world /
+ep_size ranks holding the same experts) and never reduce them across the expert-parallel group; expert gradients
+are still averaged over all ranks, so a step equals the ep_size=1 step. Dense parameters are unchanged.
+ZeRO 1/2 need a `deepspeed.moe.layer.MoE` in the model to take these paths (a parameterless marker child);
+ZeRO-3 refuses that class and instead reads the per-parameter placement that DeepSpeed's AutoEP experts carry.
 
 Layout (DeepSpeed's default, E + D): world 4, ep_size 2 -> expert-parallel groups [0, 1], [2, 3] (all-to-all);
 expert-data-parallel groups [0, 2], [1, 3] (gradient reduction of expert parameters).
@@ -81,7 +84,7 @@ def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int
         raise ValueError(
             f"model.moe.ep_size={ep_size} with deepspeed.zero_stage=0: without ZeRO, DeepSpeed clips gradients by "
             "the mean of each rank's local norm, which misses the other ranks' expert shards, so clipped steps would "
-            "differ from ep_size=1. Use deepspeed.zero_stage=1 or 2 with ep_size > 1"
+            "differ from ep_size=1. Use deepspeed.zero_stage=1, 2 or 3 with ep_size > 1"
         )
 
 
