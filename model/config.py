@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-ATTN_BACKENDS = ("sdpa", "flash_attn", "eager")
+ATTN_BACKENDS = ("sdpa", "flash_attn", "flex", "eager")
 ATTENTIONS = ("gqa", "mla")
 BALANCES = ("aux_free", "aux_loss")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class MoEConfig:
     """Weight of the sequence-wise balance loss in aux_loss mode."""
     ep_size: int = 1
     """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+    expert_impl: str = "auto"
+    """Routed-expert matmuls: grouped_mm (one torch._grouped_mm per projection, no host sync), loop (one matmul
+    pair per expert), or auto (grouped_mm on CPU and on CUDA in bf16, where PyTorch has the kernel; else loop)."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCES:
@@ -60,6 +64,8 @@ class MoEConfig:
             raise ValueError(f"model.moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds the experts of {self.topk_group} groups")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"model.moe.expert_impl={self.expert_impl!r}: choose one of {EXPERT_IMPLS}")
         if self.n_routed_experts % self.ep_size:
             raise ValueError(f"model.moe.ep_size={self.ep_size} must divide n_routed_experts={self.n_routed_experts}")
 
@@ -118,7 +124,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
     attn_backend: str = "sdpa"
-    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU) or eager (reference)."""
+    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU), flex (torch FlexAttention; compiled on
+    CUDA, forward-only on CPU) or eager (reference)."""
+    doc_masking: bool = False
+    """Packed sequences: no attention across documents; a position right after an `eos_id` token starts a new
+    document (DeepSeek-V3 packs without it, Llama 3 with it)."""
+    doc_position_reset: bool = False
+    """With doc_masking: RoPE positions restart at 0 in every document (Llama 3 keeps running positions)."""
+    eos_id: int = -1
+    """Document separator for doc_masking; -1 takes the tokenizer's eos id at build time."""
     init_std: float = 0.02
     attention: str = "gqa"
     """gqa (Llama: q/k/v/o with n_kv_heads) | mla (DeepSeek-V2/V3 multi-head latent attention; ignores n_kv_heads)."""
@@ -162,6 +176,16 @@ class ModelConfig:
         for key in ("n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "d_model"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.attention == "mla" and self.attn_backend == "flash_attn":
+            if self.v_head_dim > self.qk_nope_head_dim + self.qk_rope_head_dim:
+                raise ValueError(
+                    "model.attn_backend=flash_attn needs model.v_head_dim <= qk_nope_head_dim + qk_rope_head_dim "
+                    "(v is zero-padded to the qk head dim); use model.attn_backend=flex or sdpa"
+                )
+        if self.doc_position_reset and not self.doc_masking:
+            raise ValueError("model.doc_position_reset=true needs model.doc_masking=true (documents come from it)")
+        if self.eos_id < -1:
+            raise ValueError(f"model.eos_id must be a token id or -1 (= from the tokenizer), got {self.eos_id}")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from model.attention import Attention, MLAttention
 from model.config import ModelConfig
+from model.masking import AttnMask, build_attn_mask, document_ids, document_positions
 from model.moe import MLP, ExpertDispatcher, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -31,8 +32,10 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -50,9 +53,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx, dispatcher)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
         """h, emb (B, T', d) -> next hidden states (B, T', d)."""
-        return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin)
+        return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin, mask)
 
 
 class Transformer(nn.Module):
@@ -70,6 +75,11 @@ class Transformer(nn.Module):
             )
         if dispatcher is not None and dispatcher.ep_size != cfg.moe.ep_size:
             raise ValueError(f"dispatcher.ep_size={dispatcher.ep_size} != model.moe.ep_size={cfg.moe.ep_size}")
+        if cfg.doc_masking and not 0 <= cfg.eos_id < cfg.vocab_size:
+            raise ValueError(
+                f"model.doc_masking=true needs model.eos_id, the document separator, in [0, {cfg.vocab_size}); got "
+                f"{cfg.eos_id}: set it, or build through train.pretrain which takes it from the tokenizer"
+            )
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i, dispatcher) for i in range(cfg.n_layers))
@@ -130,10 +140,16 @@ class Transformer(nn.Module):
         MoE / MTP models in training mode return the total loss: CE + balance loss (alpha already applied) +
         mtp_weight * mean MTP loss; `last_stats` holds the parts."""
         T = input_ids.size(1)
-        cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
+        doc_ids = document_ids(input_ids, self.cfg.eos_id) if self.cfg.doc_masking else None  # (B, T)
+        if self.cfg.doc_position_reset:
+            cos, sin = self.rotary_emb.at(document_positions(doc_ids))  # (B, 1, T, rope_dim) each
+        else:
+            cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
+        # Built once here, shared by every layer (flash_attn's boundaries cost one host sync).
+        mask = build_attn_mask(self.cfg.attn_backend, doc_ids, T, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if labels is None:
             return logits
@@ -147,7 +163,12 @@ class Transformer(nn.Module):
             h = x
             for k, module in enumerate(self.mtp, start=1):
                 # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
-                h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos[: T - k], sin[: T - k])
+                # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
+                mask_k = build_attn_mask(
+                    self.cfg.attn_backend, None if doc_ids is None else doc_ids[:, : T - k], T - k, input_ids.device
+                )
+                emb = self.embed_tokens(input_ids[:, k:])
+                h = module(h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
                 lg = self.lm_head(module.norm(h))  # (B, T-k, V)
                 mtp_losses.append(F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
             mtp_loss = torch.stack(mtp_losses).mean()

@@ -28,7 +28,7 @@ from model.transformer import Transformer, num_params
 from train.hf_export import hf_llama_config, to_hf_state_dict
 from train.mfu import peak_flops
 
-HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
+HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
 
 
 @dataclass
@@ -48,6 +48,9 @@ class BenchConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu) or a torch device string."""
     seed: int = 0
+    doc_len: int = 0
+    """Mean document length of the random rows: an eos (model.eos_id, else 2) at each position with probability
+    1/doc_len, for model.doc_masking; 0 plants none. The peer is never doc-masked."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -55,8 +58,8 @@ class BenchConfig:
         for key in ("seq_len", "micro_batch_size", "steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"bench.{key} must be positive, got {getattr(self, key)}")
-        if self.warmup < 0:
-            raise ValueError(f"bench.warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or self.doc_len < 0:
+            raise ValueError(f"bench.warmup and bench.doc_len must be >= 0, got {self.warmup}, {self.doc_len}")
 
 
 @dataclass
@@ -187,16 +190,20 @@ def run(root: BenchRoot) -> dict:
     bc = root.bench
     device = torch.device(bc.device if bc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and device.type == "cuda")
-    cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000)
+    eos = root.model.eos_id if root.model.eos_id >= 0 else 2  # the peer's eos id too
+    cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000, eos_id=eos)
     if bc.seq_len > cfg.max_seq_len:
         raise ValueError(f"bench.seq_len={bc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     torch.manual_seed(bc.seed)
-    tokens = torch.randint(cfg.vocab_size, (bc.micro_batch_size, bc.seq_len + 1)).to(device)
+    tokens = torch.randint(cfg.vocab_size, (bc.micro_batch_size, bc.seq_len + 1))
+    if bc.doc_len:
+        tokens[torch.rand(tokens.shape) < 1.0 / bc.doc_len] = eos
+    tokens = tokens.to(device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each; y already shifted
     # Initial weights drawn once on the CPU, outside both memory windows, and loaded into both models.
     init_sd = Transformer(cfg).state_dict()
     ours = measure("hangang", lambda: build_ours(cfg, init_sd, device), lambda m: m(x, labels=y), cfg, bc, device, bf16)
-    summary = dict(ours, peer=None, speedup=None)
+    summary = dict(ours, doc_masking=cfg.doc_masking, doc_len=bc.doc_len, peer=None, speedup=None)
     if bc.peer:
         peer = measure(
             "transformers",

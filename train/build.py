@@ -51,6 +51,22 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         model = dataclasses.replace(model, vocab_size=tok.vocab_size)
     elif model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if model.doc_masking:
+        # Shards separate documents with the tokenizer's eos (data_pipeline.prepare); the model needs the same id.
+        if tok.eos_id < 0:
+            raise ValueError(f"model.doc_masking=true but tokenizer.path={cfg.tokenizer.path} has no eos token")
+        if model.eos_id == -1:
+            model = dataclasses.replace(model, eos_id=tok.eos_id)
+        elif model.eos_id != tok.eos_id:
+            raise ValueError(
+                f"model.eos_id={model.eos_id} is not the tokenizer's eos id {tok.eos_id}, which separates the "
+                "documents of the shards: leave model.eos_id at -1 to take it from the tokenizer"
+            )
+    if model.attn_backend == "flex" and not torch.cuda.is_available():
+        raise ValueError(
+            "model.attn_backend=flex trains on CUDA only (torch has no FlexAttention backward on CPU): "
+            "set model.attn_backend=sdpa"
+        )
     if model.moe.enabled:
         from train.expert_parallel import check_ep_size
 

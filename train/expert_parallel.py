@@ -55,18 +55,22 @@ class AllToAllDispatcher(ExpertDispatcher):
     def __init__(self, group, ep_size: int, ep_rank: int) -> None:
         self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
 
-    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+    def plan(self, counts: torch.Tensor) -> tuple[torch.Tensor, object]:
         # Split sizes first: how many rows each peer sends to each of this rank's local experts.
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
         recv_counts = recv_counts.view(self.ep_size, -1)  # (source rank, local expert)
         in_splits = counts.view(self.ep_size, -1).sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        return _AllToAll.apply(x, out_splits, in_splits, self.group), recv_counts, (out_splits, in_splits)
+        return recv_counts, (out_splits, in_splits)
 
-    def combine(self, y: torch.Tensor, handle: object) -> torch.Tensor:
+    def dispatch(self, t: torch.Tensor, handle: object) -> torch.Tensor:
         out_splits, in_splits = handle
-        return _AllToAll.apply(y, in_splits, out_splits, self.group)
+        return _AllToAll.apply(t, out_splits, in_splits, self.group)
+
+    def combine(self, t: torch.Tensor, handle: object) -> torch.Tensor:
+        out_splits, in_splits = handle
+        return _AllToAll.apply(t, in_splits, out_splits, self.group)
 
 
 def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int) -> None:

@@ -36,6 +36,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     run_dir = Path(cfg.run.dir)
     resolved = OmegaConf.to_container(raw, resolve=True)
     resolved["model"]["vocab_size"] = plan.model.vocab_size
+    resolved["model"]["eos_id"] = plan.model.eos_id
     callbacks = []
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

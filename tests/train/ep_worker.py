@@ -1,7 +1,8 @@
 """`torchrun --nproc_per_node 2 -m tests.train.ep_worker CASE`: expert-parallel checks that need two real ranks.
 
-layer: sharded Experts with the all-to-all dispatcher against the full Experts on the same inputs (outputs, input
-  and weight gradients), with every token routed to rank 0's experts and rank 1 sending no tokens at all.
+layer: sharded Experts with the all-to-all dispatcher against the full Experts on the same inputs (outputs, input,
+  gate and weight gradients; grouped_mm and loop), also with every token routed to rank 0's experts and rank 1
+  sending no tokens at all.
 skewed_zero3: two ZeRO-3 training steps of an ep_size=2 DeepSeek model whose router bias sends every token to two
   experts of rank 0, so rank 1's experts receive nothing (must finish, not hang).
 Prints "OK CASE" on rank 0 when every check passed.
@@ -21,38 +22,46 @@ def check_layer() -> None:
 
     rank = dist.get_rank()
     group = dist.new_group([0, 1])
-    torch.manual_seed(0)
-    E, d, hidden, K = 4, 8, 6, 2
-    full = Experts(E, d, hidden)
-    torch.nn.init.normal_(full.gate_up_proj)
-    torch.nn.init.normal_(full.down_proj)
-    shard = Experts(E, d, hidden, AllToAllDispatcher(group, ep_size=2, ep_rank=rank))
-    with torch.no_grad():
-        shard.gate_up_proj.copy_(full.gate_up_proj[2 * rank : 2 * rank + 2])
-        shard.down_proj.copy_(full.down_proj[2 * rank : 2 * rank + 2])
-    for case in ("mixed", "skewed"):
-        torch.manual_seed(10 + rank)
-        n = 7 if rank == 0 else (5 if case == "mixed" else 0)  # skewed: rank 1 has no tokens at all
-        x = torch.randn(n, d)
-        idx = torch.randint(E, (n, K)) if case == "mixed" else torch.tensor([[0, 1]]).expand(n, K)
-        gates = torch.rand(n, K)
-        outs, grads = [], []
-        for model in (full, shard):
-            model.zero_grad()
-            xr = x.clone().requires_grad_()
-            y = model(xr, idx, gates)
-            (y * torch.arange(y.numel()).view_as(y)).sum().backward()
-            outs.append(y.detach())
-            grads.append(xr.grad)
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
-        # Each rank's local expert gradient = the full experts' gradient summed over both ranks' tokens.
-        for name in ("gate_up_proj", "down_proj"):
-            g = getattr(full, name).grad.clone()
-            dist.all_reduce(g)
-            torch.testing.assert_close(getattr(shard, name).grad, g[2 * rank : 2 * rank + 2], rtol=1e-5, atol=1e-5)
-        if case == "skewed" and rank == 1:
-            assert shard.gate_up_proj.grad.abs().max() == 0  # nothing reached rank 1's experts
+    for impl in ("grouped_mm", "loop"):
+        torch.manual_seed(0)
+        E, d, hidden = 4, 8, 12  # grouped_mm needs row strides in multiples of 16 bytes
+        full = Experts(E, d, hidden, impl)
+        torch.nn.init.normal_(full.gate_up_proj)
+        torch.nn.init.normal_(full.down_proj)
+        shard = Experts(E, d, hidden, impl, dispatcher=AllToAllDispatcher(group, ep_size=2, ep_rank=rank))
+        with torch.no_grad():
+            shard.gate_up_proj.copy_(full.gate_up_proj[2 * rank : 2 * rank + 2])
+            shard.down_proj.copy_(full.down_proj[2 * rank : 2 * rank + 2])
+        for case in ("mixed", "skewed"):
+            compare(full, shard, case)
+
+
+def compare(full, shard, case: str) -> None:
+    """One forward/backward of both on this rank's tokens: the same outputs and gradients."""
+    rank = dist.get_rank()
+    E, d, K = full.n_experts, full.gate_up_proj.size(-1), 2
+    torch.manual_seed(10 + rank)
+    n = 7 if rank == 0 else (5 if case == "mixed" else 0)  # skewed: rank 1 has no tokens at all
+    x = torch.randn(n, d)
+    idx = torch.randint(E, (n, K)) if case == "mixed" else torch.tensor([[0, 1]]).expand(n, K)
+    gates = torch.rand(n, K)
+    outs, grads = [], []
+    for model in (full, shard):
+        model.zero_grad()
+        xr, gr = x.clone().requires_grad_(), gates.clone().requires_grad_()
+        y = model(xr, idx, gr)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append((xr.grad, gr.grad))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    # Each rank's local expert gradient = the full experts' gradient summed over both ranks' tokens.
+    for name in ("gate_up_proj", "down_proj"):
+        g = getattr(full, name).grad.clone()
+        dist.all_reduce(g)
+        torch.testing.assert_close(getattr(shard, name).grad, g[2 * rank : 2 * rank + 2], rtol=1e-5, atol=1e-5)
+    if case == "skewed" and rank == 1:
+        assert shard.gate_up_proj.grad.abs().max() == 0  # nothing reached rank 1's experts
 
 
 def check_skewed_zero3() -> None:

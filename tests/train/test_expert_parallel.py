@@ -31,9 +31,9 @@ def test_default_dispatcher_keeps_every_expert_local():
     layer = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, ffn_hidden=8, ep_size=2))
     assert layer.experts.gate_up_proj.shape[0] == 4  # no dispatcher: all experts, whatever ep_size says
     x, counts = torch.randn(5, 16), torch.tensor([2, 0, 3, 0])
-    recv, recv_counts, handle = ExpertDispatcher().dispatch(x, counts)
-    assert recv is x and recv_counts.tolist() == [[2, 0, 3, 0]]
-    assert ExpertDispatcher().combine(recv, handle) is x
+    recv_counts, handle = ExpertDispatcher().plan(counts)
+    assert recv_counts.tolist() == [[2, 0, 3, 0]]
+    assert ExpertDispatcher().dispatch(x, handle) is x and ExpertDispatcher().combine(x, handle) is x
 
 
 @pytest.mark.parametrize(
