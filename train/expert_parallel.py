@@ -48,7 +48,7 @@ class _AllToAll(torch.autograd.Function):
 class AllToAllDispatcher(ExpertDispatcher):
     """Sends each routed token copy to the rank of its expert and the expert's output back, over `group`.
 
-    Every rank calls both collectives in every MoE layer, with zero-sized splits where it has nothing to send, so an
+    Every rank calls every collective in every MoE layer, with zero-sized splits where it has nothing to send, so an
     expert (or a whole rank) that receives no tokens cannot leave a peer waiting.
     """
 
