@@ -9,7 +9,8 @@ Memory model (bf16 mixed precision, as DeepSpeed runs it on GPUs; fp32 on CPU):
 - weights 2 B/param, gradients 2 B/param, optimizer states 12 B/param (fp32 master, Adam m and v); ZeRO-1 shards
   the optimizer states over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload
   moves optimizer states (and with offload_param, weights) to CPU memory. Routed experts are first split over
-  `model.moe.ep_size` ranks. On CPU (fp32): 4 + 4 + 8 B/param.
+  `model.moe.ep_size` ranks, and ZeRO shards a rank's experts over the gpus / ep_size ranks holding the same ones
+  (DeepSpeed's expert-data-parallel group). On CPU (fp32): 4 + 4 + 8 B/param.
 - activations per token and layer: the tensors a Llama/DeepSeek block keeps for backward with a fused attention
   kernel (no T x T scores): 2 B x (6 d + 2 kv + 4 f_active) (+ router scores for MoE layers); the output head keeps
   logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token. With full activation checkpointing a
@@ -128,12 +129,19 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, checkpointing: 
 def state_bytes(counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, fp32: bool) -> dict[str, float]:
     """Weights, gradients and optimizer states per GPU for the ZeRO stage and offload chosen."""
     ep = cfg.moe.ep_size if cfg.moe.enabled else 1
-    local = counts["total"] - counts["routed_experts"] + counts["routed_experts"] / ep  # params this rank holds
+    dense = counts["total"] - counts["routed_experts"]
+    experts = counts["routed_experts"] / ep  # this rank's experts, ZeRO-sharded over the gpus / ep ranks sharing them
     w, g, o = (4, 4, 8) if fp32 else (2, 2, 12)
     s = ds.zero_stage
-    weights = 0.0 if ds.offload_param else local * w / (gpus if s >= 3 else 1)
-    grads = local * g / (gpus if s >= 2 else 1)
-    optim = 0.0 if ds.offload_optimizer else local * o / (gpus if s >= 1 else 1)
+
+    def sharded(bytes_per_param: int, from_stage: int) -> float:
+        if s < from_stage:
+            return (dense + experts) * bytes_per_param
+        return dense * bytes_per_param / gpus + experts * bytes_per_param / max(1, gpus // ep)
+
+    weights = 0.0 if ds.offload_param else sharded(w, 3)
+    grads = sharded(g, 2)
+    optim = 0.0 if ds.offload_optimizer else sharded(o, 1)
     return {"weights": weights, "gradients": grads, "optimizer": optim}
 
 

@@ -56,18 +56,53 @@ class Router(nn.Module):
             self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
+class ExpertDispatcher:
+    """Moves routed token copies to the ranks that hold their experts and back (expert parallelism).
+
+    This base class is the single-process case: every expert is local, nothing moves. `train/` injects a subclass
+    that exchanges rows between the `ep_size` ranks of an expert-parallel group with all-to-all, so the model never
+    imports torch.distributed. Rank `ep_rank` holds global experts [ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size).
+    """
+
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    def plan(self, counts: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """counts (E,) rows this rank sends per global expert -> rows it will receive per (source rank, local
+        expert), (ep_size, E / ep_size), and a handle for `dispatch` / `combine`."""
+        return counts.view(1, -1), None
+
+    def dispatch(self, t: torch.Tensor, handle: object) -> torch.Tensor:
+        """Rows (M, ...) sorted by global expert -> the rows received here (M', ...), by source rank then expert."""
+        return t
+
+    def combine(self, t: torch.Tensor, handle: object) -> torch.Tensor:
+        """Inverse of `dispatch`: expert outputs (M', d) in received order -> (M, d) in the sender's order."""
+        return t
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights; tokens are sorted by expert and run as grouped matmuls (or one matmul pair
-    per expert, `impl=loop`), never a per-token loop."""
+    """SwiGLU experts as stacked weights; tokens are sorted by expert and run as grouped matmuls (or one matmul pair
+    per expert, `impl=loop`), never a per-token loop.
+
+    With a dispatcher of ep_size > 1 this rank holds only its E / ep_size local experts (`expert_offset` is the
+    global id of the first); the weights keep HF's names, and the full (E, ...) tensors are these slices stacked in
+    rank order.
+    """
 
     _liger = None
     """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
+    def __init__(
+        self, n_experts: int, d_model: int, hidden: int, impl: str = "auto", dispatcher: ExpertDispatcher | None = None
+    ) -> None:
         super().__init__()
         self.n_experts, self.impl = n_experts, impl
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))  # [gate; up], as HF
-        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.dispatcher = dispatcher or ExpertDispatcher()
+        self.n_local = n_experts // self.dispatcher.ep_size
+        self.expert_offset = self.dispatcher.ep_rank * self.n_local
+        self.gate_up_proj = nn.Parameter(torch.empty(self.n_local, 2 * hidden, d_model))  # [gate; up], as HF
+        self.down_proj = nn.Parameter(torch.empty(self.n_local, d_model, hidden))
 
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.impl != "auto":
@@ -76,34 +111,49 @@ class Experts(nn.Module):
             return torch.is_autocast_enabled("cuda") or x.dtype == torch.bfloat16
         return x.device.type == "cpu"
 
+    def _compute(self, xs: torch.Tensor, g_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (M, d) grouped by local expert, g_sorted (M, 1) their gates, counts (n_local,) rows per expert ->
+        gate-weighted expert outputs (M, d), same order."""
+        # The gate scales the expert's hidden activation rather than its output (the same, down_proj being linear):
+        # no (M, d) fp32 product is kept for backward.
+        if self._grouped(xs):
+            # Every expert weight takes part (empty groups get zero gradients): no ZeRO-3 gather/reduce mismatch.
+            dt = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(-2, -1), offs=offs)
+            g, u = h.chunk(2, dim=-1)
+            a = ((F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)) * g_sorted).to(dt)
+            return torch._grouped_mm(a, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
+        outs = []
+        # An expert with no tokens still runs on an empty slice, so every rank touches every expert weight.
+        for e, chunk in enumerate(xs.split(counts.tolist())):
+            g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+            act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
+            outs.append(F.linear((act * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
+            g_sorted = g_sorted[chunk.size(0) :]
+        return torch.cat(outs)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (N, d), idx/gates (N, K) -> sum_k gates[:, k] * expert_{idx[:, k]}(x), (N, d). No token is dropped."""
         K = idx.size(1)
         flat = idx.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
         token = order // K
-        xs = x[token]  # (N*K, d), grouped by expert
-        # The gate scales the expert's hidden activation rather than its output (the same, down_proj being linear):
-        # no (N*K, d) fp32 product is kept for backward.
-        g_sorted = gates.flatten()[order, None]
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        if self._grouped(xs):
-            # Every expert weight takes part (empty groups get zero gradients): no ZeRO-3 gather/reduce mismatch.
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else xs.dtype
-            offs = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(-2, -1), offs=offs)
-            g, u = h.chunk(2, dim=-1)
-            a = ((F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)) * g_sorted).to(dt)
-            ys = torch._grouped_mm(a, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
+        xs = x[token]  # (N*K, d), grouped by global expert
+        g_sorted = gates.flatten()[order, None]  # (N*K, 1), fp32 as HF
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        d = self.dispatcher
+        if d.ep_size == 1:
+            ys = self._compute(xs, g_sorted, counts)
         else:
-            outs = []
-            # An expert with no tokens still runs on an empty slice, so every rank touches every expert weight.
-            for e, chunk in enumerate(xs.split(counts.tolist())):
-                g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-                act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
-                outs.append(F.linear((act * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
-                g_sorted = g_sorted[chunk.size(0) :]
-            ys = torch.cat(outs)
+            # Split sizes first (a host sync: all_to_all needs them), then token copies and their gates.
+            recv_counts, handle = d.plan(counts)  # (ep_size, n_local)
+            xr, gr = d.dispatch(xs, handle), d.dispatch(g_sorted, handle)
+            # Received rows come grouped by source rank, then local expert; regroup them by local expert.
+            local_id = torch.arange(self.n_local, device=x.device).repeat(recv_counts.size(0))
+            by_expert = local_id.repeat_interleave(recv_counts.flatten()).argsort(stable=True)  # (M',)
+            out = self._compute(xr[by_expert], gr[by_expert], recv_counts.sum(0))
+            ys = d.combine(out[by_expert.argsort()], handle)  # back in `order`, (N*K, d)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
@@ -140,13 +190,17 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Forward records `last_load` (E,) and `last_aux` (scalar)."""
+    """Shared experts (always on) + routed experts. Forward records `last_load` (E,) and `last_aux` (scalar).
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+    The router, its bias and `last_load` always cover all E experts (every rank routes over the global set); only
+    the routed experts' weights are sharded when `dispatcher.ep_size > 1`.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.gate = Router(d_model, cfg)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, cfg.expert_impl)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, cfg.expert_impl, dispatcher)
         self.shared_experts = MLP(d_model, cfg.ffn_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.last_load: torch.Tensor | None = None
         self.last_aux: torch.Tensor | None = None

@@ -14,7 +14,7 @@ from model.config import ModelConfig
 from model.kernels import use_kernels
 from model.loss import LMHead
 from model.masking import AttnMask, build_attn_mask, document_ids, document_positions
-from model.moe import MLP, Experts, MoE, Router
+from model.moe import MLP, ExpertDispatcher, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
 
@@ -24,12 +24,15 @@ __all__ = ["MLP", "Block", "RMSNorm", "Transformer", "num_params"]
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); mlp is MoE from moe.first_k_dense on."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.d_model, cfg.ffn_hidden)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg.d_model, cfg.moe, dispatcher)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
         self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(
@@ -52,12 +55,12 @@ class MTPModule(nn.Module):
     The embedding and the output head are the main model's; `norm` is this depth's own final norm.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
         self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, layer_idx)
+        self.block = Block(cfg, layer_idx, dispatcher)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(
@@ -68,14 +71,20 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head` (and `mtp`)."""
+    """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head` (and `mtp`).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `dispatcher` (expert parallelism, injected by train/) makes every MoE layer hold only this rank's share of the
+    routed experts; without one the model holds all experts whatever `cfg.moe.ep_size` says (evaluation, export).
+    """
+
+    def __init__(self, cfg: ModelConfig, dispatcher: ExpertDispatcher | None = None) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError(
                 f"model.vocab_size={cfg.vocab_size}: set it (e.g. from the tokenizer) before building the model"
             )
+        if dispatcher is not None and dispatcher.ep_size != cfg.moe.ep_size:
+            raise ValueError(f"dispatcher.ep_size={dispatcher.ep_size} != model.moe.ep_size={cfg.moe.ep_size}")
         if cfg.doc_masking and not 0 <= cfg.eos_id < cfg.vocab_size:
             raise ValueError(
                 f"model.doc_masking=true needs model.eos_id, the document separator, in [0, {cfg.vocab_size}); got "
@@ -83,13 +92,13 @@ class Transformer(nn.Module):
             )
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, dispatcher) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_impl, cfg.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.mtp.depth:
-            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp.depth))
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, dispatcher) for k in range(cfg.mtp.depth))
         self.rotary_emb = RotaryEmbedding(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
         self.mtp_weight = cfg.mtp.loss_weight
         """lambda of the MTP loss; the trainer sets it from `cfg.mtp.weight_at(progress)` before each step."""
@@ -114,8 +123,12 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Experts):
-                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
-                nn.init.normal_(module.down_proj, mean=0.0, std=out_std)
+                # Draw all E experts and keep this rank's slice: the same RNG stream, hence the same initial
+                # model, whatever the expert-parallel degree.
+                local = slice(module.expert_offset, module.expert_offset + module.n_local)
+                for weight, s in ((module.gate_up_proj, std), (module.down_proj, out_std)):
+                    full = weight.new_empty(module.n_experts, *weight.shape[1:]).normal_(mean=0.0, std=s)
+                    weight.copy_(full[local])
             elif isinstance(module, Router):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 module.e_score_correction_bias.zero_()

@@ -67,11 +67,10 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             "model.attn_backend=flex trains on CUDA only (torch has no FlexAttention backward on CPU): "
             "set model.attn_backend=sdpa"
         )
-    if model.moe.enabled and model.moe.ep_size > 1:
-        raise ValueError(
-            f"model.moe.ep_size={model.moe.ep_size}: expert parallelism is not implemented yet; use ep_size=1 "
-            "(every rank holds every expert; ZeRO shards them like any other parameter)"
-        )
+    if model.moe.enabled:
+        from train.expert_parallel import check_ep_size
+
+        check_ep_size(model.moe.ep_size, world_size, model.moe.n_routed_experts, cfg.deepspeed.zero_stage)
     if cfg.train.seq_len > model.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     if model.attn_backend == "flash_attn":
@@ -108,12 +107,19 @@ def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
         torch.set_num_threads(n)
 
 
-def build_model(model: ModelConfig, seed: int):
-    """Same seed on every rank, so every rank starts from identical weights."""
+def build_model(model: ModelConfig, seed: int, zero_stage: int = 0):
+    """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
+    its slices of the same experts). With model.moe.ep_size > 1 this creates the expert groups (collective)."""
     from model.transformer import Transformer
+    from train import expert_parallel
 
+    ep_size = model.moe.ep_size if model.moe.enabled else 1
+    dispatcher = expert_parallel.make_dispatcher(ep_size)
     torch.manual_seed(seed)
-    return Transformer(model)
+    module = Transformer(model, dispatcher)
+    if dispatcher is not None:
+        expert_parallel.prepare_model(module, ep_size, zero_stage)
+    return module
 
 
 def build_data(plan: Plan, rank: int, world_size: int):

@@ -98,6 +98,14 @@ def check_compatible(meta: dict, model: ModelConfig, tokenizer_sha256: str, wher
             f"cannot resume from {where}: it holds a model of another shape ({'; '.join(diffs)}). "
             "Use the model config it was trained with, or a new run.dir"
         )
+    saved_ep = _field(saved, "moe.ep_size", 1) if _field(saved, "moe.enabled", False) else 1
+    ep = model.moe.ep_size if model.moe.enabled else 1
+    if saved_ep != ep:
+        raise ValueError(
+            f"cannot resume from {where} with model.moe.ep_size={ep}: it was saved with ep_size={saved_ep}, and "
+            "DeepSpeed's optimizer partitions of expert weights depend on it. Resume with "
+            f"model.moe.ep_size={saved_ep}, or start a new run.dir from its exported weights"
+        )
     if meta.get("tokenizer_sha256") != tokenizer_sha256:
         raise ValueError(
             f"cannot resume from {where}: it was trained with tokenizer sha256 {meta.get('tokenizer_sha256')}, "
@@ -159,6 +167,10 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if any(getattr(p, "allreduce", True) is False for p in engine.module.parameters()):
+        from train.expert_parallel import load_local_experts
+
+        load_local_experts(engine.module, str(ckpt_dir / tag / "model.safetensors"))
     rng_file = ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

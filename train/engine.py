@@ -101,7 +101,16 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedCon
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": optim.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    if any(getattr(p, "allreduce", True) is False for p in decay):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        # Expert-parallel weights go to their own groups (`moe: True`), which ZeRO partitions over the expert
+        # data-parallel group instead of all ranks (train/expert_parallel.py).
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     kwargs = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps}
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -131,13 +140,23 @@ def build_engine(model, cfg_train: TrainConfig, optim: OptimConfig, ds: DeepSpee
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Gather full fp32 weights onto rank 0 (collective: every rank must call it); other ranks get None."""
+    """Gather full fp32 weights onto rank 0 (collective: every rank must call it); other ranks get None.
+
+    Expert-parallel weights are gathered from their expert-parallel group, so the result is the same as an
+    ep_size=1 run's (all experts, global order)."""
     import deepspeed
+
+    from train.expert_parallel import gather_experts, is_expert_param
 
     module = engine.module
     out: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():  # named_parameters skips tied duplicates
-        if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather one parameter at a time to bound memory
+        if is_expert_param(param):
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = gather_experts(param)
+            if dist.get_rank() == 0:
+                out[name] = full.to("cpu", torch.float32).clone()
+        elif hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather one parameter at a time to bound memory
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if dist.get_rank() == 0:
                     out[name] = param.detach().to("cpu", torch.float32).clone()

@@ -31,7 +31,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     d = init_distributed(cfg.deepspeed)
     build.set_threads(cfg, d.local_world_size)
     base_mem = current_memory_gb(d.device)
-    model = build.build_model(plan.model, cfg.train.seed)
+    model = build.build_model(plan.model, cfg.train.seed, cfg.deepspeed.zero_stage)
     optimize_model(model, cfg.train.compile, cfg.train.fp8)
     engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
     loader, val, val_sources = build.build_data(plan, d.rank, d.world_size)

@@ -53,3 +53,20 @@ def test_cli_prints_table_and_json():
     proc = run_module("launch.plan", "model=deepseek_1b_active", "gpus=1", "gpu=h100", "tokens=100B")
     assert "activated" in proc.stdout and "GPU-hours" in proc.stdout
     assert json.loads(proc.stdout.strip().splitlines()[-1])["params_activated"] > 0
+
+
+def test_expert_parallel_memory_follows_deepspeed_partitioning():
+    """ZeRO shards a rank's experts over the gpus / ep_size ranks holding the same experts, not over all gpus."""
+    from launch.plan import state_bytes
+    from model.config import ModelConfig, MoEConfig
+    from train.config import DeepSpeedConfig
+
+    counts = {"total": 1000, "routed_experts": 800}
+
+    def per_gpu(ep_size: int, stage: int) -> dict:
+        cfg = ModelConfig(moe=MoEConfig(enabled=True, ep_size=ep_size))
+        return state_bytes(counts, DeepSpeedConfig(zero_stage=stage), cfg, gpus=8, fp32=True)
+
+    assert per_gpu(2, 3) == per_gpu(1, 3)  # the expert shards per GPU are the same size either way
+    assert per_gpu(2, 1)["weights"] == (200 + 800 / 2) * 4  # without ZeRO-3, EP halves the experts held
+    assert per_gpu(2, 1)["optimizer"] == (200 / 8 + 400 / 4) * 8

@@ -90,3 +90,76 @@ def test_export_of_trained_run_matches_logits(ds_runs, tmp_path):
     x = torch.randint(ours.cfg.vocab_size, (2, 64))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+# Expert parallelism: the same runs with the 8 routed experts sharded over the 2 ranks (4 each).
+EP = "model.moe.ep_size=2"
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("deepseek_ep")
+    runs = {}
+    for stage in (2, 3):
+        runs[stage] = root / f"ep2_zero{stage}"
+        torchrun_pretrain(*ds_args(tiny_tokenizer, tiny_data, runs[stage], f"deepspeed.zero_stage={stage}", EP))
+    return runs
+
+
+def test_expert_parallel_trains_like_ep1(ds_runs, ep_runs):
+    from train.checkpoint import load_full_weights
+
+    for stage, run in ep_runs.items():
+        ref, ep = rows(ds_runs[stage]), rows(run)
+        for a, b in zip(ref, ep, strict=True):
+            if "loss" in a:  # every step: loss, clipped-gradient norm, routing imbalance
+                assert math.isclose(b["loss"], a["loss"], rel_tol=1e-5), (stage, a["step"], a["loss"], b["loss"])
+                assert math.isclose(b["grad_norm"], a["grad_norm"], rel_tol=1e-4), (stage, a["step"])
+                assert b["moe_max_violation"] == a["moe_max_violation"]
+        torch.testing.assert_close(_bias(run), _bias(ds_runs[stage]), atol=0, rtol=0)
+        # Checkpoint weights hold every expert, in global order, as the ep_size=1 run's do.
+        full, meta = load_full_weights(run)
+        ref_full, _ = load_full_weights(ds_runs[stage])
+        assert meta["model"]["moe"]["ep_size"] == 2 and full.keys() == ref_full.keys()
+        for key, value in ref_full.items():
+            torch.testing.assert_close(full[key], value, atol=1e-5, rtol=0)
+
+
+def test_expert_parallel_run_exports_the_ep1_model(ds_runs, ep_runs, tmp_path):
+    from safetensors.torch import load_file
+
+    outs = {}
+    for name, run in (("ep1", ds_runs[3]), ("ep2", ep_runs[3])):
+        outs[name] = tmp_path / name
+        run_module("train.export", f"run.dir={run}", f"out={outs[name]}")
+    configs = [json.loads((outs[n] / "config.json").read_text()) for n in ("ep1", "ep2")]
+    assert configs[0] == configs[1]
+    ep1, ep2 = (load_file(str(outs[n] / "model.safetensors")) for n in ("ep1", "ep2"))
+    assert ep1.keys() == ep2.keys()
+    for key, value in ep1.items():
+        torch.testing.assert_close(ep2[key], value, atol=1e-5, rtol=0)
+
+
+def test_expert_parallel_resume_reproduces_uninterrupted_run(ep_runs, tiny_tokenizer, tiny_data, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(ep_runs[2], run_dir)  # then roll it back to its step-5 checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 5]
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    torchrun_pretrain(*ds_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", EP))
+    assert losses(run_dir) == losses(ep_runs[2])
+
+
+def test_resume_with_other_ep_size_is_refused(ep_runs, tiny_tokenizer, tiny_data):
+    proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, ep_runs[2]), check=False)
+    assert proc.returncode != 0
+    assert "saved with ep_size=2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ep_size_must_divide_the_world_size(tiny_tokenizer, tiny_data, tmp_path):
+    proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, tmp_path / "run", EP), check=False)
+    assert proc.returncode != 0
+    assert "model.moe.ep_size=2 must divide the number of ranks (1)" in proc.stderr

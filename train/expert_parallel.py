@@ -1,0 +1,194 @@
+"""Expert parallelism: routed experts sharded over groups of `model.moe.ep_size` ranks, tokens moved by all-to-all.
+
+The model sees only `AllToAllDispatcher` (a `model.moe.ExpertDispatcher`). DeepSpeed sees expert parameters the way
+its own MoE layers present them: `allreduce = False` and `group_name = "ep_size_N"`, their own optimizer param
+groups, and its expert-parallel / expert-data-parallel process groups (deepspeed.utils.groups). So ZeRO 1, 2 and 3
+partition expert weights (stage 3), gradients and optimizer states over the expert-data-parallel group (world /
+ep_size ranks holding the same experts) and never reduce them across the expert-parallel group; expert gradients
+are still averaged over all ranks, so a step equals the ep_size=1 step. Dense parameters are unchanged.
+ZeRO 1/2 need a `deepspeed.moe.layer.MoE` in the model to take these paths (a parameterless marker child);
+ZeRO-3 refuses that class and instead reads the per-parameter placement that DeepSpeed's AutoEP experts carry.
+
+Layout (DeepSpeed's default, E + D): world 4, ep_size 2 -> expert-parallel groups [0, 1], [2, 3] (all-to-all);
+expert-data-parallel groups [0, 2], [1, 3] (gradient reduction of expert parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.moe import ExpertDispatcher, Experts
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert groups of this degree (`deepspeed.moe.layer.MoE.expert_group_name`)."""
+    return f"ep_size_{ep_size}"
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: the backward pass sends gradients back along the same splits, reversed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+class AllToAllDispatcher(ExpertDispatcher):
+    """Sends each routed token copy to the rank of its expert and the expert's output back, over `group`.
+
+    Every rank calls every collective in every MoE layer, with zero-sized splits where it has nothing to send, so an
+    expert (or a whole rank) that receives no tokens cannot leave a peer waiting.
+    """
+
+    def __init__(self, group, ep_size: int, ep_rank: int) -> None:
+        self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
+
+    def plan(self, counts: torch.Tensor) -> tuple[torch.Tensor, object]:
+        # Split sizes first: how many rows each peer sends to each of this rank's local experts.
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        recv_counts = recv_counts.view(self.ep_size, -1)  # (source rank, local expert)
+        in_splits = counts.view(self.ep_size, -1).sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        return recv_counts, (out_splits, in_splits)
+
+    def dispatch(self, t: torch.Tensor, handle: object) -> torch.Tensor:
+        out_splits, in_splits = handle
+        return _AllToAll.apply(t, out_splits, in_splits, self.group)
+
+    def combine(self, t: torch.Tensor, handle: object) -> torch.Tensor:
+        out_splits, in_splits = handle
+        return _AllToAll.apply(t, in_splits, out_splits, self.group)
+
+
+def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int) -> None:
+    """Refuse an expert-parallel degree this job cannot run, before any process group exists."""
+    if ep_size == 1:
+        return
+    if world_size % ep_size:
+        raise ValueError(
+            f"model.moe.ep_size={ep_size} must divide the number of ranks ({world_size}): each group of ep_size "
+            "ranks holds one copy of all experts. Choose a divisor of the world size, or launch a multiple of it"
+        )
+    if n_experts % ep_size:
+        raise ValueError(f"model.moe.ep_size={ep_size} must divide model.moe.n_routed_experts={n_experts}")
+    if zero_stage == 0:
+        raise ValueError(
+            f"model.moe.ep_size={ep_size} with deepspeed.zero_stage=0: without ZeRO, DeepSpeed clips gradients by "
+            "the mean of each rank's local norm, which misses the other ranks' expert shards, so clipped steps would "
+            "differ from ep_size=1. Use deepspeed.zero_stage=1, 2 or 3 with ep_size > 1"
+        )
+
+
+def make_dispatcher(ep_size: int) -> AllToAllDispatcher | None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective) and this rank's dispatcher."""
+    if ep_size == 1:
+        return None
+    from deepspeed.utils import groups
+
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    group = groups._get_expert_parallel_group(name)
+    return AllToAllDispatcher(group, ep_size, dist.get_rank(group=group))
+
+
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    """The routed experts' weights of every MoE layer (the sharded parameters)."""
+    return [p for m in model.modules() if isinstance(m, Experts) for p in (m.gate_up_proj, m.down_proj)]
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        """A parameterless child that makes DeepSpeed's engine run its MoE code paths (`has_moe_layers`).
+
+        The engine turns on expert-aware gradient reduction, ZeRO 1/2 partitioning and broadcasting only when the
+        model contains a `deepspeed.moe.layer.MoE`. The real experts live in our `Experts` modules, outside this
+        marker; `num_local_experts = 0` keeps DeepSpeed from writing or reading per-expert checkpoint files of its
+        own (our expert weights go through the model-states and ZeRO files, and model.safetensors).
+        """
+
+        def __init__(self, ep_size: int, n_experts: int) -> None:
+            nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: no gate, no experts of its own
+            self.ep_size, self.num_experts, self.num_local_experts = ep_size, n_experts, 0
+            self.expert_group_name = group_name(ep_size)
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # make_dispatcher created the groups before the model was built
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelMarker only marks the model for DeepSpeed; it is never called")
+
+    return ExpertParallelMarker
+
+
+MARKER = "deepspeed_ep_marker"
+"""Attribute name of the marker on the model (a child module; it holds no state, so state dicts are unchanged)."""
+
+
+def prepare_model(model: nn.Module, ep_size: int, zero_stage: int) -> None:
+    """Tag the expert parameters as DeepSpeed does for its expert-parallel layers (before deepspeed.initialize)."""
+    from deepspeed.utils import groups
+
+    name = group_name(ep_size)
+    for p in expert_params(model):
+        p.allreduce = False
+        p.group_name = name
+        if zero_stage == 3:
+            # ZeRO-3 partitions a parameter over `ds_zero_partition_process_group` when it has one, and averages
+            # the gradients of the "autoep_expert" family over all data-parallel ranks while reducing them only
+            # within that group: the placement DeepSpeed gives its own AutoEP experts.
+            p.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(name)
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = name
+    if zero_stage < 3:  # under ZeRO-3 the engine refuses native MoE layers; the placement above is enough there
+        model.add_module(MARKER, _marker_class()(ep_size, model.cfg.moe.n_routed_experts))
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def gather_experts(p: torch.Tensor) -> torch.Tensor:
+    """Full (E, ...) tensor of a sharded expert parameter, stacked in expert-parallel rank order (collective)."""
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_parallel_group(p.group_name)
+    parts = [torch.empty_like(p.data) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, p.data.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def load_local_experts(model: nn.Module, weights: str) -> None:
+    """Copy this rank's slices of the full expert weights in `weights` (model.safetensors) into its parameters.
+
+    DeepSpeed writes the model-states file of an MoE run from data-parallel rank 0 only, so on resume every rank
+    loads rank 0's local experts into its own. ZeRO 1/2 restore each rank's fp32 master partition correctly but
+    copy it into the module's weights only at the next optimizer step, after a forward with the wrong experts.
+    """
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        for name, module in model.named_modules():
+            # ZeRO-3 partitions are restored by the engine from each rank's own optimizer file.
+            if isinstance(module, Experts) and module.dispatcher.ep_size > 1 and not hasattr(module.down_proj, "ds_id"):
+                local = slice(module.expert_offset, module.expert_offset + module.n_local)
+                for pname in ("gate_up_proj", "down_proj"):
+                    param = getattr(module, pname)
+                    param.copy_(f.get_slice(f"{name}.{pname}")[local].to(param))
