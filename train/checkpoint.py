@@ -402,6 +402,33 @@ def safe_loading(where: Path):
             os.environ[FORCE_WEIGHTS_ONLY] = old
 
 
+def _add_zero3_optimizer_state(zero_dir: Path) -> None:
+    """ZeRO-3 reads the optimizer step and hyperparameters from `optimizer_state_dict` in zero/optimizer_state.pt,
+    which a conversion from ZeRO-1/2 does not write; add it (the step is the same for every parameter)."""
+    state_file = zero_dir / "optimizer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    if "optimizer_state_dict" in state:
+        return
+    step = torch.load(next(zero_dir.glob("*/step.pt")), weights_only=True)
+    state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    torch.save(state, state_file)
+
+
+def _fix_zero3_universal_load(engine, zero_dir: Path) -> None:
+    """Undo two shortcuts of ZeRO-3's universal loader: it gives every parameter group the first group's
+    hyperparameters (ours differ: no weight decay on norms and biases), and one shared `step` tensor to every
+    parameter, which AdamW then increments once per group and step (wrong bias correction)."""
+    saved = torch.load(zero_dir / "optimizer_state.pt", weights_only=True)["param_groups"]
+    base = engine.optimizer.optimizer
+    if len(saved) != len(base.param_groups):
+        raise ValueError(f"{zero_dir}: {len(saved)} optimizer parameter groups saved, {len(base.param_groups)} now")
+    for group, kept in zip(base.param_groups, saved, strict=True):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def ensure_universal(tag_dir: Path) -> None:
     """Convert `tag_dir` to DeepSpeed's universal format in `tag_dir/universal/` once (rank 0; collective)."""
     out = tag_dir / UNIVERSAL
@@ -430,6 +457,7 @@ def ensure_universal(tag_dir: Path) -> None:
             for name in (f"mp_rank_{mp}", f"zero_pp_rank_0_mp_rank_{mp}"):
                 if not (tmp / name).exists():
                     shutil.copyfile(src, tmp / name)
+        _add_zero3_optimizer_state(tmp / "zero")
         for path in tmp.rglob("*"):
             if path.is_file():
                 _sha256(path, sync=True)
@@ -456,6 +484,8 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        if engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights():
+            _fix_zero3_universal_load(engine, tag_dir / UNIVERSAL / "zero")
         # A rank that did not exist at save time (more ranks now) keeps its seeded RNG; training draws none on CPU.
         rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
         if rng_file.is_file():
