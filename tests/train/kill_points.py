@@ -46,9 +46,17 @@ def child(overrides: list[str], log: Path) -> int:
 
 
 def main(root: Path, overrides: list[str], points: list[int]) -> None:
-    import deepspeed  # noqa: F401  (imported once, before any fork)
+    # Imported once here, before any fork: otherwise every child pays for them (AdamW and DeepSpeed import torch's
+    # compiler stack lazily, ~15 s of a 20 s child on a busy 2-core machine).
+    import deepspeed.runtime.engine  # noqa: F401
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch._inductor.compile_fx  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
 
-    from train import loop  # noqa: F401
+    from train import build, loop  # noqa: F401
 
     ref = root / "uninterrupted"
     assert os.WIFEXITED(status := child([*overrides, f"run.dir={ref}"], root / "ref.log")), status
