@@ -168,8 +168,8 @@ def latest_tag(ckpt_dir: Path, verify_hashes: bool = True) -> str | None:
     ckpt_dir = Path(ckpt_dir)
     tags = _tags(ckpt_dir)[::-1]
     named = pointer_tag(ckpt_dir)
-    if named is not None:
-        tags = [named] + [t for t in tags if (step_of(t) or 0) < (step_of(named) or 0)]
+    if named is not None and step_of(named) is not None:
+        tags = [named] + [t for t in tags if step_of(t) < step_of(named)]
     for tag in tags:
         reason = verify(ckpt_dir / tag, verify_hashes)
         if reason is None:
@@ -193,7 +193,7 @@ def needs_universal(meta: dict, world_size: int, zero_stage: int, where: Path) -
         raise ValueError(
             f"cannot resume {where} (ZeRO-{saved[1]}, {saved[0]} ranks) with deepspeed.zero_stage={zero_stage} on "
             f"{world_size} ranks: resharding goes through DeepSpeed's universal checkpoint, which needs ZeRO 1-3 on "
-            f"both sides. Resume with deepspeed.zero_stage={saved[1]}, or one of 1-3 when both are non-zero"
+            f"both sides. Resume with deepspeed.zero_stage={saved[1]}"
         )
     return True
 
@@ -312,6 +312,7 @@ def save(
     final, tmp = ckpt_dir / tag, ckpt_dir / (TMP_PREFIX + tag)
     rank, world = dist.get_rank(), dist.get_world_size()
     ops = _FileOps(kill_at if rank == 0 else None)
+    written: list[Path] = []  # this rank's files, which it fsyncs itself (on NFS only the writer's fsync counts)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_dir.glob(TMP_PREFIX + "*"):  # saves that a crash interrupted
@@ -323,19 +324,23 @@ def save(
         save_file(full_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         ops("meta.json")
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        written += [tmp / "model.safetensors", tmp / "meta.json"]
         # The bill of materials travels with the weights, so a checkpoint alone shows what it was trained on.
         bom = Path(meta["data_path"]) / MANIFEST if meta.get("data_path") else None
         if bom is not None and bom.is_file():
             ops("bom.json")
             shutil.copyfile(bom, tmp / "bom.json")
+            written.append(tmp / "bom.json")
     dist.barrier()
     ops(f"rng_rank{rank}.pt")
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    written.append(tmp / f"rng_rank{rank}.pt")
     ds_save = engine.checkpoint_engine.save
 
     def counted_save(state_dict, path):
         ops(Path(path).name)
         ds_save(state_dict, path)
+        written.append(Path(path))
 
     engine.checkpoint_engine.save = counted_save
     try:
@@ -343,10 +348,9 @@ def save(
     finally:
         engine.checkpoint_engine.save = ds_save
     dist.barrier()
-    # Every rank fsyncs and hashes an equal share of the files: one rank reading a large checkpoint would be slow.
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    # Every rank fsyncs and hashes the files it wrote (in parallel; no rank lists a directory others write into).
     shares: list = [None] * world
-    dist.all_gather_object(shares, {name: _sha256(tmp / name, sync=True) for name in names[rank::world]})
+    dist.all_gather_object(shares, {str(p.relative_to(tmp)): _sha256(p, sync=True) for p in written})
     if rank == 0:
         files = {name: info for share in shares for name, info in share.items()}
         ops(CKPT_MANIFEST)
