@@ -2,7 +2,7 @@
 operation of its checkpoint saves, for each N in turn, resume it, and print one JSON line per kill point.
 
 The imports (torch, DeepSpeed, Hydra: most of a launch's start-up time) happen once here; every run is a forked child
-process with its own process group, killed for real by `debug.kill_during_save_at` (SIGKILL) and resumed by a fresh
+process (a 1-rank gloo job of its own), killed for real by `debug.kill_during_save_at` (SIGKILL) and resumed by a fresh
 child, so many kill points cost seconds each.
 """
 
