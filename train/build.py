@@ -26,6 +26,8 @@ class Plan:
     manifest: dict
     tokenizer_sha256: str
     resume_tag: str | None
+    load_universal: bool = False
+    """The checkpoint was saved with another world size or ZeRO stage: load it through DeepSpeed's universal format."""
 
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -90,14 +92,17 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         check_fp8()
     layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
-    tag = checkpoint.latest_tag(ckpt_dir)
+    tag = checkpoint.latest_tag(ckpt_dir, cfg.checkpoint.verify_hashes)
+    universal = False
     if tag is not None:
         if cfg.checkpoint.resume == "never":
             raise ValueError(
                 f"{ckpt_dir} already holds checkpoint {tag} and checkpoint.resume=never: use a new run.dir"
             )
-        checkpoint.check_compatible(checkpoint.read_meta(ckpt_dir, tag), model, tok.sha256, ckpt_dir / tag)
-    return Plan(cfg, model, layout, manifest, tok.sha256, tag)
+        meta = checkpoint.read_meta(ckpt_dir, tag)
+        checkpoint.check_compatible(meta, model, tok.sha256, ckpt_dir / tag)
+        universal = checkpoint.needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag)
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag, universal)
 
 
 def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:

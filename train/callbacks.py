@@ -42,6 +42,8 @@ class Wandb(Callback):
                 "or set logging.wandb.mode=disabled"
             ) from e
 
+        from train.secrets import redact
+
         id_file = run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
@@ -49,12 +51,12 @@ class Wandb(Callback):
         self.run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
-            group=cfg.wandb.group,
-            name=cfg.wandb.name or name,
-            tags=list(cfg.wandb.tags),
+            group=redact(cfg.wandb.group),
+            name=redact(cfg.wandb.name or name),
+            tags=redact(list(cfg.wandb.tags)),
             mode=cfg.wandb.mode,
             dir=str(run_dir),
-            config=config,
+            config=redact(config),
             id=run_id,
             resume="allow",
         )

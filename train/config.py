@@ -161,7 +161,11 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints."""
     keep_last: int = 3
-    """Checkpoints kept (oldest deleted first); 0 keeps all."""
+    """Most recent checkpoints kept (older ones deleted after each save); 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, whatever keep_last says; 0 = none."""
+    verify_hashes: bool = True
+    """On resume, check every file's sha256 against the checkpoint's manifest (else sizes only; huge checkpoints)."""
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make the run finish its step, save a checkpoint and exit (SLURM: `--signal=B:USR1@180`)."""
     preemption_grace_s: float = 120.0
@@ -170,6 +174,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never"):
             raise ValueError(f"checkpoint.resume={self.resume!r}: choose auto or never")
+        if self.keep_last < 0 or self.keep_every < 0:
+            raise ValueError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0 = keep all / none)")
 
 
 @dataclass
@@ -178,6 +184,9 @@ class DebugConfig:
 
     step_sleep_s: float = 0.0
     """Sleep after every optimizer step, so a test can signal or kill a run mid-flight."""
+    kill_during_save_at: int | None = None
+    """SIGKILL the job (under torchrun: the agent and every local rank) just before rank 0's N-th file operation of
+    this launch's checkpoint saves (counted over all of them, 1 = the first); crash tests walk N over a save."""
 
 
 @dataclass

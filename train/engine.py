@@ -68,8 +68,12 @@ def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if train.dtype == "bf16" else torch.float32
 
 
-def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, layout: BatchLayout, dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON config; the optimizer and scheduler are built by us and passed in as objects."""
+def deepspeed_config(
+    ds: DeepSpeedConfig, optim: OptimConfig, layout: BatchLayout, dtype: torch.dtype, load_universal: bool = False
+) -> dict:
+    """The DeepSpeed JSON config; the optimizer and scheduler are built by us and passed in as objects.
+
+    `load_universal`: the checkpoint to resume is read in DeepSpeed's universal format (resharded to this job)."""
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -92,6 +96,7 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, layout: BatchLayou
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -119,7 +124,15 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedCon
     return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
 
 
-def build_engine(model, cfg_train: TrainConfig, optim: OptimConfig, ds: DeepSpeedConfig, layout: BatchLayout, d: Dist):
+def build_engine(
+    model,
+    cfg_train: TrainConfig,
+    optim: OptimConfig,
+    ds: DeepSpeedConfig,
+    layout: BatchLayout,
+    d: Dist,
+    load_universal: bool = False,
+):
     """Wrap the model with DeepSpeed; returns (engine, optimizer, scheduler)."""
     import deepspeed
 
@@ -134,7 +147,7 @@ def build_engine(model, cfg_train: TrainConfig, optim: OptimConfig, ds: DeepSpee
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(ds, optim, layout, dtype),
+        config=deepspeed_config(ds, optim, layout, dtype, load_universal),
     )
     return engine, optimizer, scheduler
 

@@ -158,7 +158,11 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "elapsed_s": self._elapsed_now()}
         weights = full_state_dict(self.engine)
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, self.meta, weights, self.cfg.checkpoint.keep_last)
+        ck = self.cfg.checkpoint
+        checkpoint.save(
+            self.engine, self.ckpt_dir, self.step, state, self.meta, weights, ck.keep_last, ck.keep_every,
+            self.cfg.debug.kill_during_save_at,
+        )  # fmt: skip
 
     def fit(self) -> dict:
         """Train to `train.max_steps`; returns a summary (first/last validation loss, tokens/s)."""

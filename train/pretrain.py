@@ -25,6 +25,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     from train.loop import Trainer, current_memory_gb
     from train.mfu import peak_flops
     from train.optimize import optimize_model
+    from train.secrets import redact
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = build.plan_run(cfg, world)
@@ -33,10 +34,10 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     base_mem = current_memory_gb(d.device)
     model = build.build_model(plan.model, cfg.train.seed, cfg.deepspeed.zero_stage)
     optimize_model(model, cfg.train.compile, cfg.train.fp8)
-    engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
+    engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d, plan.load_universal)
     loader, val, val_sources = build.build_data(plan, d.rank, d.world_size)
     run_dir = Path(cfg.run.dir)
-    resolved = OmegaConf.to_container(raw, resolve=True)
+    resolved = redact(OmegaConf.to_container(raw, resolve=True))  # what is saved or sent to W&B holds no secret
     resolved["model"]["vocab_size"] = plan.model.vocab_size
     resolved["model"]["eos_id"] = plan.model.eos_id
     callbacks = []

@@ -1,0 +1,60 @@
+"""Resharded resume: a checkpoint saved by 2 ranks under ZeRO-2 resumes on 1 rank under ZeRO-1, and on 2 ranks under
+ZeRO-3, through DeepSpeed's universal checkpoint (converted automatically); the losses continue as in the uninterrupted
+run and the data position carries over (no sequence repeated or skipped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import STEPS, run_module, train_args
+from train import checkpoint
+
+
+@pytest.fixture
+def stopped_at_step_5(trained_run, tmp_path) -> Path:
+    """The session's 2-rank ZeRO-2 run as it was after step 5: its checkpoint there, metrics up to step 5."""
+    run_dir = tmp_path / "reshard"
+    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("wandb", "step_00000010"))
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 5))
+    return run_dir
+
+
+def _train_rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("nproc,stage", [(1, 1), (2, 3)])
+def test_two_rank_zero2_checkpoint_resumes_resharded(
+    stopped_at_step_5, trained_run, tiny_tokenizer, tiny_data, nproc, stage
+):
+    run_dir = stopped_at_step_5
+    args = train_args(tiny_tokenizer, tiny_data, run_dir, f"deepspeed.zero_stage={stage}")
+    proc = run_module("torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train.pretrain", *args)
+    tag_dir = run_dir / "checkpoints" / "step_00000005"
+    assert f"converting it to {tag_dir / 'universal'}" in proc.stderr and f"resumed from {tag_dir}" in proc.stderr
+    ref, got = _train_rows(trained_run), _train_rows(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(6, STEPS + 1):
+        # Same batches, same optimizer state: equal up to the order of floating-point sums over ranks.
+        assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-5), (step, got[step], ref[step])
+        assert got[step]["tokens"] == ref[step]["tokens"]  # the global data position, whatever the world size
+        assert math.isclose(got[step]["lr"], ref[step]["lr"], rel_tol=1e-9)
+    meta = checkpoint.read_meta(run_dir / "checkpoints", "step_00000010")
+    assert (meta["world_size"], meta["zero_stage"]) == (nproc, stage)
+    assert checkpoint.latest_tag(run_dir / "checkpoints") == "step_00000010"
+
+
+def test_which_changes_go_through_the_universal_checkpoint():
+    with pytest.raises(ValueError, match="universal checkpoint, which needs ZeRO 1-3 on both sides"):
+        checkpoint.needs_universal({"world_size": 2, "zero_stage": 0}, 1, 2, Path("ckpt"))
+    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 0}, 1, 0, Path("ckpt"))
+    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 2}, 2, 2, Path("ckpt"))
+    assert checkpoint.needs_universal({"world_size": 2, "zero_stage": 2}, 2, 1, Path("ckpt"))
