@@ -173,7 +173,8 @@ class CheckpointConfig:
     every_steps: int = 100
     """Steps between checkpoints (and one at the end); 0 = only at the end."""
     resume: str = "auto"
-    """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints."""
+    """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints
+    (a torchrun restart of the same job after a rank failure still resumes)."""
     keep_last: int = 3
     """Checkpoints kept (oldest deleted first); 0 keeps all."""
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
