@@ -8,6 +8,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from tests.helpers import losses, run_module, torchrun_pretrain, train_args
 from train.faults import NumericGuard
@@ -53,8 +54,12 @@ def test_nan_loss_and_inf_grad_skip_the_update(trained_run, tiny_tokenizer, tiny
     clean = {r["step"]: r for r in rows(trained_run) if "loss" in r}
     assert [by_step[s]["loss"] for s in (1, 2)] == pytest.approx([clean[s]["loss"] for s in (1, 2)], rel=1e-5)
     assert by_step[4]["lr"] == clean[4]["lr"]
-    weights = load_file(str(run_dir / "checkpoints" / "step_00000010" / "model.safetensors"))
-    assert all(bool(w.isfinite().all()) for w in weights.values())
+    tag = run_dir / "checkpoints" / "step_00000010"
+    assert all(bool(w.isfinite().all()) for w in load_file(str(tag / "model.safetensors")).values())
+    # No optimizer update at the skipped steps: AdamW took 8 steps in 10, while the LR schedule took all 10.
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+    assert {float(s["step"]) for s in states["optimizer"]["state"].values()} == {8.0}
+    assert states["lr_scheduler"]["last_epoch"] == 10
 
 
 def test_spikes_are_skipped_then_rolled_back_past_the_bad_batches(trained_run, tiny_tokenizer, tiny_data, tmp_path):
