@@ -142,8 +142,9 @@ class StepGate:
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        ok = all(bool(torch.isfinite(g).all()) for g in grads)
-        flag = torch.tensor([0.0 if ok else 1.0], device=grads[0].device if grads else None)
+        device = grads[0].device if grads else None
+        ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        flag = (~ok).to(device=device, dtype=torch.float32).reshape(1)  # one host sync, after the all-reduce
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not bool(flag.item())

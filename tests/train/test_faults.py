@@ -35,6 +35,17 @@ def test_guard_flags_nonfinite_and_robust_spikes_only():
     assert copy.state_dict() == guard.state_dict()
 
 
+def test_bad_fault_settings_are_refused():
+    from train.config import DebugConfig, SpikeConfig
+
+    with pytest.raises(ValueError, match="train.spike.window=2"):
+        SpikeConfig(window=2)
+    with pytest.raises(ValueError, match="max_consecutive"):
+        SpikeConfig(max_consecutive=0)
+    with pytest.raises(ValueError, match=r"debug.kill_rank_at_step=\[7\]: give \[rank, step\]"):
+        DebugConfig(kill_rank_at_step=[7])
+
+
 def test_nan_loss_and_inf_grad_skip_the_update(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     """ZeRO-0 (plain torch AdamW under DeepSpeed, where our gate must do the skipping): a NaN loss at step 3 and an
     infinite gradient on one rank at step 6 skip those updates; the run goes on with finite losses and weights."""
