@@ -1,7 +1,9 @@
-"""Causal grouped-query self-attention with three interchangeable kernels (sdpa, flash_attn, eager)."""
+"""Causal self-attention, grouped-query (Llama) or multi-head latent (DeepSeek), over four interchangeable kernels
+(sdpa, flash_attn, flex, eager), optionally restricted to the documents of a packed row (see model/masking.py)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -10,12 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.masking import AttnMask
 from model.norm import RMSNorm
-from model.rope import apply_rotary
+from model.rope import apply_rotary, apply_rotary_qk
 
 FLASH_ATTN_MISSING = (
     "model.attn_backend=flash_attn requested but flash-attn is not installed: install it with "
     "`pip install -e .[flash]` on a CUDA machine, or set model.attn_backend=sdpa"
+)
+FLEX_CPU_BACKWARD = (
+    "model.attn_backend=flex has no backward pass on CPU (torch runs FlexAttention unfused there, forward only): "
+    "train on CUDA, or set model.attn_backend=sdpa"
 )
 
 
@@ -32,6 +39,15 @@ def load_flash_attn() -> Callable[..., torch.Tensor]:
     return flash_attn_func
 
 
+def load_flash_attn_varlen() -> Callable[..., torch.Tensor]:
+    """flash_attn.flash_attn_varlen_func (packed documents), or FlashAttnUnavailableError."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise FlashAttnUnavailableError(FLASH_ATTN_MISSING) from e
+    return flash_attn_varlen_func
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd), each kv head shared by n_rep consecutive query heads."""
     if n_rep == 1:
@@ -40,71 +56,132 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, n_kv, n_rep, T, hd).reshape(B, n_kv * n_rep, T, hd)
 
 
-def eager_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference softmax(q k^T / sqrt(hd) + causal mask) v; q (B, nh, T, hd), k/v (B, n_kv, T, hd)."""
+def eager_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reference softmax(q k^T * scale + mask) v; q (B, nh, T, dqk), k (B, n_kv, T, dqk), v (B, n_kv, T, dv).
+
+    mask (B, 1, T, T) bool, True = may attend; None = causal. scale defaults to 1/sqrt(dqk)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     T = q.size(2)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.size(-1)))  # (B,nh,T,T)
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in fp32 as HF eager does, so bf16 runs of the reference stay a reference.
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v  # (B, nh, T, hd)
+    return probs @ v  # (B, nh, T, dv)
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled flex materialises the full score matrix; compiled it is a fused kernel that skips masked tiles.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
+    """FlexAttention of q (B, nh, T, dqk), k/v (B, n_kv, T, d) under block_mask -> (B, nh, T, dv)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError(FLEX_CPU_BACKWARD)
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+
+
+class FlashKernels:
+    """flash-attn's dense and variable-length kernels, imported at build time so a missing package fails early."""
+
+    def __init__(self) -> None:
+        self.dense = load_flash_attn()
+        self.varlen = load_flash_attn_varlen()
+
+
+def attend(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: AttnMask | None = None,
+    flash: FlashKernels | None = None,
+) -> torch.Tensor:
+    """Causal attention q (B, nh, T, dqk), k (B, n_kv, T, dqk), v (B, n_kv, T, dv) -> (B, nh, T, dv).
+
+    n_kv divides nh (GQA); dv may differ from dqk (MLA). mask from `build_attn_mask` for `backend`: None is plain
+    causal; otherwise attention also stays inside each document."""
+    gqa = q.size(1) != k.size(1)
+    if backend == "flex":
+        return flex_attend(q, k, v, mask.block_mask, scale)
+    if backend == "flash_attn":
+        dqk, dv = q.size(-1), v.size(-1)
+        if dv < dqk:  # flash-attn needs one head dim: pad v, slice the output back
+            v = F.pad(v, (0, dqk - dv))
+        # flash-attn wants (B, T, heads, hd) in fp16/bf16 (i.e. under autocast) and handles GQA natively.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            y = flash.dense(q, k, v, causal=True, softmax_scale=scale)  # (B, T, nh, dqk)
+        else:
+            B, T = q.shape[:2]
+            # Documents become the variable-length sequences of one flattened (B*T) batch.
+            y = flash.varlen(
+                q.reshape(B * T, *q.shape[2:]),
+                k.reshape(B * T, *k.shape[2:]),
+                v.reshape(B * T, *v.shape[2:]),
+                mask.cu_seqlens,
+                mask.cu_seqlens,
+                mask.max_seqlen,
+                mask.max_seqlen,
+                causal=True,
+                softmax_scale=scale,
+            ).view(B, T, -1, dqk)
+        return y.transpose(1, 2)[..., :dv]
+    if backend == "sdpa":
+        if mask is None:
+            # enable_gqa broadcasts kv heads inside the kernel instead of materialising repeat_kv copies.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        # An arbitrary mask rules out the flash kernel; explicit kv copies keep the memory-efficient one eligible
+        # (enable_gqa has not always been supported there), rather than a fallback to the O(T^2)-memory math kernel.
+        n_rep = q.size(1) // k.size(1)
+        return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask.dense, scale=scale)
+    return eager_causal_attention(q, k, v, scale, None if mask is None else mask.dense)
 
 
 class Attention(nn.Module):
     """Llama self-attention: bias-free q/k/v/o projections, RoPE on q and k, causal GQA."""
+
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused RoPE)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.backend = cfg.attn_backend
         # Fail at build time, not at the first forward of a long job.
-        self._flash = load_flash_attn() if self.backend == "flash_attn" else None
+        self._flash = FlashKernels() if self.backend == "flash_attn" else None
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d_model), cos/sin (T, hd) -> (B, T, d_model)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d_model), cos/sin (T, hd) or (B, 1, T, hd), mask from `build_attn_mask` -> (B, T, d_model)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        if self.backend == "sdpa":
-            # enable_gqa broadcasts kv heads inside the kernel instead of materialising repeat_kv copies.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        elif self.backend == "flash_attn":
-            # flash-attn wants (B, T, heads, hd) in fp16/bf16 (i.e. under autocast) and handles GQA natively.
-            y = self._flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, T, nh, hd)
-            y = y.transpose(1, 2)
-        else:
-            y = eager_causal_attention(q, k, v)
+        q, k = apply_rotary_qk(q, k, cos, sin, self._liger)
+        y = attend(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
-
-
-def _attend(backend: str, flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of q/k (B, nh, T, dqk) and v (B, nh, T, dv) -> (B, nh, T, dv), any dqk and dv."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if backend == "flash_attn":
-        dqk, dv = q.size(-1), v.size(-1)
-        if dv < dqk:  # flash-attn needs one head dim: pad v, slice the output back
-            v = F.pad(v, (0, dqk - dv))
-        y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, softmax_scale=scale)
-        return y.transpose(1, 2)[..., :dv]
-    T = q.size(2)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    probs = F.softmax(scores.masked_fill(mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v
 
 
 class MLAttention(nn.Module):
@@ -126,7 +203,7 @@ class MLAttention(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         self.scale = (self.nope + self.rope) ** -0.5
         self.backend = cfg.attn_backend
-        self._flash = load_flash_attn() if self.backend == "flash_attn" else None
+        self._flash = FlashKernels() if self.backend == "flash_attn" else None
         qk = cfg.n_heads * (self.nope + self.rope)
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(cfg.d_model, qk, bias=False)
@@ -139,8 +216,10 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d_model), cos/sin (T, qk_rope_head_dim) -> (B, T, d_model)."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d_model), cos/sin (T, rope) or (B, 1, T, rope), mask from `build_attn_mask` -> (B, T, d_model)."""
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -152,5 +231,5 @@ class MLAttention(nn.Module):
         k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope)), dim=-1)
-        y = _attend(self.backend, self._flash, q, k, v, self.scale)  # (B, H, T, v)
+        y = attend(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-ATTN_BACKENDS = ("sdpa", "flash_attn", "eager")
+ATTN_BACKENDS = ("sdpa", "flash_attn", "flex", "eager")
 ATTENTIONS = ("gqa", "mla")
 BALANCES = ("aux_free", "aux_loss")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+LOSS_IMPLS = ("torch", "chunked", "liger")
+KERNELS = ("torch", "liger")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclass
@@ -43,6 +47,9 @@ class MoEConfig:
     """Weight of the sequence-wise balance loss in aux_loss mode."""
     ep_size: int = 1
     """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+    expert_impl: str = "auto"
+    """Routed-expert matmuls: grouped_mm (one torch._grouped_mm per projection, no host sync), loop (one matmul
+    pair per expert), or auto (grouped_mm on CPU and on CUDA in bf16, where PyTorch has the kernel; else loop)."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCES:
@@ -60,6 +67,8 @@ class MoEConfig:
             raise ValueError(f"model.moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds the experts of {self.topk_group} groups")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"model.moe.expert_impl={self.expert_impl!r}: choose one of {EXPERT_IMPLS}")
         if self.n_routed_experts % self.ep_size:
             raise ValueError(f"model.moe.ep_size={self.ep_size} must divide n_routed_experts={self.n_routed_experts}")
 
@@ -118,7 +127,15 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
     attn_backend: str = "sdpa"
-    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU) or eager (reference)."""
+    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU), flex (torch FlexAttention; compiled on
+    CUDA, forward-only on CPU) or eager (reference)."""
+    doc_masking: bool = False
+    """Packed sequences: no attention across documents; a position right after an `eos_id` token starts a new
+    document (DeepSeek-V3 packs without it, Llama 3 with it)."""
+    doc_position_reset: bool = False
+    """With doc_masking: RoPE positions restart at 0 in every document (Llama 3 keeps running positions)."""
+    eos_id: int = -1
+    """Document separator for doc_masking; -1 takes the tokenizer's eos id at build time."""
     init_std: float = 0.02
     attention: str = "gqa"
     """gqa (Llama: q/k/v/o with n_kv_heads) | mla (DeepSeek-V2/V3 multi-head latent attention; ignores n_kv_heads)."""
@@ -132,6 +149,17 @@ class ModelConfig:
     """MLA: decoupled RoPE dims (one RoPE key shared by all heads)."""
     v_head_dim: int = 32
     """MLA: per-head value dims."""
+    loss_impl: str = "torch"
+    """Output head + cross-entropy: torch (full (B*T, V) fp32 logits) | chunked (pure PyTorch, `loss_chunk_size`
+    rows of logits at a time, recomputed in backward) | liger (liger-kernel's fused Triton kernel; CUDA only)."""
+    loss_chunk_size: int = 4096
+    """Rows (tokens) per logits chunk for loss_impl=chunked: one (chunk, V) fp32 block is the peak extra memory."""
+    kernels: str = "torch"
+    """RMSNorm, SwiGLU (dense and experts) and GQA RoPE: torch (reference) | liger (liger-kernel Triton kernels;
+    CUDA only)."""
+    activation_checkpointing: str = "none"
+    """none | selective (keep matmul and attention outputs, recompute norms, RoPE and activations in backward) |
+    full (keep only each block's input; recompute the whole block)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
 
@@ -151,6 +179,15 @@ class ModelConfig:
                 raise ValueError("model.qk_rope_head_dim must be even for RoPE")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 raise ValueError("model.q_lora_rank must be positive or null")
+        for key, allowed in (
+            ("loss_impl", LOSS_IMPLS),
+            ("kernels", KERNELS),
+            ("activation_checkpointing", ACTIVATION_CHECKPOINTING),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"model.loss_chunk_size must be positive, got {self.loss_chunk_size}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r}: choose one of {ATTN_BACKENDS}")
         if self.d_model % self.n_heads:
@@ -162,6 +199,16 @@ class ModelConfig:
         for key in ("n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "d_model"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.attention == "mla" and self.attn_backend == "flash_attn":
+            if self.v_head_dim > self.qk_nope_head_dim + self.qk_rope_head_dim:
+                raise ValueError(
+                    "model.attn_backend=flash_attn needs model.v_head_dim <= qk_nope_head_dim + qk_rope_head_dim "
+                    "(v is zero-padded to the qk head dim); use model.attn_backend=flex or sdpa"
+                )
+        if self.doc_position_reset and not self.doc_masking:
+            raise ValueError("model.doc_position_reset=true needs model.doc_masking=true (documents come from it)")
+        if self.eos_id < -1:
+            raise ValueError(f"model.eos_id must be a token id or -1 (= from the tokenizer), got {self.eos_id}")
         if self.vocab_size < 0:
             raise ValueError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
 

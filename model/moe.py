@@ -57,29 +57,53 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights; tokens are sorted by expert and each expert runs one matmul on its slice."""
+    """E SwiGLU experts as stacked weights; tokens are sorted by expert and run as grouped matmuls (or one matmul pair
+    per expert, `impl=loop`), never a per-token loop."""
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
         super().__init__()
-        self.n_experts = n_experts
+        self.n_experts, self.impl = n_experts, impl
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))  # [gate; up], as HF
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        if self.impl != "auto":
+            return self.impl == "grouped_mm"
+        if x.device.type == "cuda":  # PyTorch's CUDA grouped GEMM is bf16-only
+            return torch.is_autocast_enabled("cuda") or x.dtype == torch.bfloat16
+        return x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x (N, d), idx/gates (N, K) -> sum_k gates[:, k] * expert_{idx[:, k]}(x), (N, d). No token is dropped."""
         K = idx.size(1)
         flat = idx.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         token = order // K
         xs = x[token]  # (N*K, d), grouped by expert
-        outs = []
-        # One matmul pair per expert (E iterations, not per token). An expert with no tokens still runs on an
-        # empty slice, so every rank touches every expert weight: no ZeRO-3 gather/reduce mismatch.
-        for e, chunk in enumerate(xs.split(counts)):
-            g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))
-        ys = torch.cat(outs) * gates.flatten()[order, None]  # (N*K, d), fp32 gates as HF
+        # The gate scales the expert's hidden activation rather than its output (the same, down_proj being linear):
+        # no (N*K, d) fp32 product is kept for backward.
+        g_sorted = gates.flatten()[order, None]
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        if self._grouped(xs):
+            # Every expert weight takes part (empty groups get zero gradients): no ZeRO-3 gather/reduce mismatch.
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else xs.dtype
+            offs = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(-2, -1), offs=offs)
+            g, u = h.chunk(2, dim=-1)
+            a = ((F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)) * g_sorted).to(dt)
+            ys = torch._grouped_mm(a, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
+        else:
+            outs = []
+            # An expert with no tokens still runs on an empty slice, so every rank touches every expert weight.
+            for e, chunk in enumerate(xs.split(counts.tolist())):
+                g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
+                act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
+                outs.append(F.linear((act * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
+                g_sorted = g_sorted[chunk.size(0) :]
+            ys = torch.cat(outs)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
@@ -100,6 +124,9 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
 
+    _liger = None
+    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
@@ -107,6 +134,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._liger is not None:
+            return self.down_proj(self._liger.liger_swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -117,7 +146,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(d_model, cfg)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, cfg.expert_impl)
         self.shared_experts = MLP(d_model, cfg.ffn_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
         self.last_load: torch.Tensor | None = None
         self.last_aux: torch.Tensor | None = None

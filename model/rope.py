@@ -44,6 +44,12 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.max_seq_len}")
         return self.cos[:seq_len], self.sin[:seq_len]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) at positions (B, T), each (B, 1, T, head_dim) fp32 (broadcast over heads)."""
+        if positions.size(1) > self.max_seq_len:
+            raise ValueError(f"sequence length {positions.size(1)} exceeds model.max_seq_len={self.max_seq_len}")
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the last dim split in halves (HF Llama layout, not interleaved pairs)."""
@@ -52,6 +58,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n_heads, T, hd) by cos/sin (T, hd); computed in fp32, returned in x's dtype."""
+    """Rotate x (B, n_heads, T, hd) by cos/sin (T, hd) or (B, 1, T, hd); computed in fp32, returned in x's dtype."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, liger=None):
+    """apply_rotary to q (B, nh, T, hd) and k (B, n_kv, T, hd); through Liger's fused RoPE kernel when `liger`
+    (liger_kernel.transformers.functional) is given."""
+    if liger is not None:
+        return liger.liger_rope(q, k, cos[None], sin[None])
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

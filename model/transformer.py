@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention, MLAttention
+from model.checkpointing import run_block
 from model.config import ModelConfig
+from model.kernels import use_kernels
+from model.loss import LMHead
+from model.masking import AttnMask, build_attn_mask, document_ids, document_positions
 from model.moe import MLP, Experts, MoE, Router
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
@@ -27,9 +30,19 @@ class Block(nn.Module):
         self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.d_model, cfg.ffn_hidden)
+        self.activation_checkpointing = cfg.activation_checkpointing
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        # Checkpointing inside forward, so `block.compile()` compiles the checkpointed region (torchtitan's order).
+        mode = self.activation_checkpointing if self.training else "none"
+        return run_block(self._forward, mode, x, cos, sin, mask)
+
+    def _forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -47,9 +60,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
+    ) -> torch.Tensor:
         """h, emb (B, T', d) -> next hidden states (B, T', d)."""
-        return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin)
+        return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin, mask)
 
 
 class Transformer(nn.Module):
@@ -61,11 +76,16 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"model.vocab_size={cfg.vocab_size}: set it (e.g. from the tokenizer) before building the model"
             )
+        if cfg.doc_masking and not 0 <= cfg.eos_id < cfg.vocab_size:
+            raise ValueError(
+                f"model.doc_masking=true needs model.eos_id, the document separator, in [0, {cfg.vocab_size}); got "
+                f"{cfg.eos_id}: set it, or build through train.pretrain which takes it from the tokenizer"
+            )
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_impl, cfg.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.mtp.depth:
@@ -77,6 +97,7 @@ class Transformer(nn.Module):
         """Detached statistics of the last forward with labels (MoE / MTP models only): ce_loss, aux_loss,
         mtp_loss, moe_loads (n_moe_layers, E) routed-token counts."""
         self.init_weights()
+        use_kernels(self, cfg.kernels)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -117,14 +138,20 @@ class Transformer(nn.Module):
         MoE / MTP models in training mode return the total loss: CE + balance loss (alpha already applied) +
         mtp_weight * mean MTP loss; `last_stats` holds the parts."""
         T = input_ids.size(1)
-        cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
+        doc_ids = document_ids(input_ids, self.cfg.eos_id) if self.cfg.doc_masking else None  # (B, T)
+        if self.cfg.doc_position_reset:
+            cos, sin = self.rotary_emb.at(document_positions(doc_ids))  # (B, 1, T, rope_dim) each
+        else:
+            cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
+        # Built once here, shared by every layer (flash_attn's boundaries cost one host sync).
+        mask = build_attn_mask(self.cfg.attn_backend, doc_ids, T, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+            x = layer(x, cos, sin, mask)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return self.lm_head(self.norm(x))  # (B, T, V) logits
+        # model.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
+        loss = self.lm_head(self.norm(x), labels)
         if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
             return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
         stats = {"ce_loss": loss.detach()}
@@ -134,9 +161,13 @@ class Transformer(nn.Module):
             h = x
             for k, module in enumerate(self.mtp, start=1):
                 # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
-                h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos[: T - k], sin[: T - k])
-                lg = self.lm_head(module.norm(h))  # (B, T-k, V)
-                mtp_losses.append(F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten(), ignore_index=-100))
+                # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
+                mask_k = build_attn_mask(
+                    self.cfg.attn_backend, None if doc_ids is None else doc_ids[:, : T - k], T - k, input_ids.device
+                )
+                emb = self.embed_tokens(input_ids[:, k:])
+                h = module(h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
+                mtp_losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
             mtp_loss = torch.stack(mtp_losses).mean()
             total = total + self.mtp_weight * mtp_loss
             stats["mtp_loss"] = mtp_loss.detach()

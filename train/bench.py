@@ -1,8 +1,12 @@
-"""Training-step throughput of our Transformer vs Hugging Face LlamaForCausalLM of the same shape.
+"""Training-step throughput of our Transformer vs Hugging Face's implementation of the same shape
+(LlamaForCausalLM, or DeepseekV3ForCausalLM for MLA models).
 
     python -m train.bench model=tiny bench.seq_len=256 bench.micro_batch_size=8 bench.steps=10
+    python -m train.bench bench.suite=configs/bench_suite/h100_dense.yaml bench.table_out=BENCHMARKS.md
 
-Prints one JSON line per model, then a JSON summary (ours, with the peer nested and the speedup) as the last line.
+One model: prints one JSON line per model, then a JSON summary (ours, with the peer nested and the speedup) as the
+last line. A suite (train/bench_suite.py) runs every variant of a suite file in its own subprocess and writes a
+Markdown table. bench.find_max_micro_batch=true searches the largest micro-batch that fits instead.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from data_pipeline.cli import to_object_strict, user_errors
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer, num_params
-from train.hf_export import hf_llama_config, to_hf_state_dict
+from train.hf_export import hf_architecture, hf_config, to_hf_state_dict
 from train.mfu import peak_flops
+from train.optimize import optimize_model
 
-HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
+HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
 
 
 @dataclass
@@ -48,15 +53,37 @@ class BenchConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu) or a torch device string."""
     seed: int = 0
+    doc_len: int = 0
+    """Mean document length of the random rows: an eos (model.eos_id, else 2) at each position with probability
+    1/doc_len, for model.doc_masking; 0 plants none. The peer is never doc-masked."""
+    impl: str = "hangang"
+    """Model timed first: hangang (ours, then the peer when bench.peer) | transformers (only the peer)."""
+    compile: bool = False
+    """torch.compile each decoder block of our model (as train.compile); warmup steps absorb the compile time."""
+    fp8: bool = False
+    """torchao float8 linears in our model's blocks (as train.fp8; Hopper GPUs)."""
+    suite: str | None = None
+    """Path of a suite file (configs/bench_suite/*.yaml): run each variant in a fresh subprocess, write a table."""
+    table_out: str | None = None
+    """Suite: Markdown file for the table; an existing file keeps everything outside the bench-suite markers."""
+    find_max_micro_batch: bool = False
+    """Search the largest micro-batch that fits (doubling from bench.micro_batch_size, then bisection; one
+    subprocess per try); in a suite, for every variant."""
+    max_micro_batch: int = 1024
+    """Upper bound of that search."""
+    variant_timeout_s: int = 900
+    """Suite / search: a subprocess running longer is killed and recorded as a timeout."""
 
     def __post_init__(self) -> None:
+        if self.impl not in ("hangang", "transformers"):
+            raise ValueError(f"bench.impl={self.impl!r}: choose hangang or transformers")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"bench.dtype={self.dtype!r}: choose auto, fp32 or bf16")
         for key in ("seq_len", "micro_batch_size", "steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"bench.{key} must be positive, got {getattr(self, key)}")
-        if self.warmup < 0:
-            raise ValueError(f"bench.warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or self.doc_len < 0:
+            raise ValueError(f"bench.warmup and bench.doc_len must be >= 0, got {self.warmup}, {self.doc_len}")
 
 
 @dataclass
@@ -139,6 +166,7 @@ def measure(
     result = {
         "impl": impl,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
         "model": cfg.name,
         "params": num_params(model),
         "seq_len": bc.seq_len,
@@ -150,6 +178,15 @@ def measure(
         "peak_mem_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss_delta",
         "first_loss": round(loss, 4),
     }
+    if impl == "hangang":
+        result.update(
+            compile=bc.compile,
+            fp8=bc.fp8,
+            activation_checkpointing=cfg.activation_checkpointing,
+            loss_impl=cfg.loss_impl,
+            kernels=cfg.kernels,
+            attn_backend=cfg.attn_backend,
+        )
     print(json.dumps(result), flush=True)
     del model
     gc.collect()
@@ -160,21 +197,21 @@ def measure(
     return result
 
 
-def build_ours(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+def build_ours(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device, bc: BenchConfig) -> Transformer:
     with torch.device(device):
         model = Transformer(cfg)
     model.load_state_dict(sd, strict=True)
-    return model
+    return optimize_model(model, compile=bc.compile, fp8=bc.fp8)
 
 
 def build_peer(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
-    """LlamaForCausalLM with cfg's shape, matching attention kernel and the same initial weights."""
-    from transformers import LlamaForCausalLM
+    """The transformers model of cfg's architecture and shape, matching attention kernel, same initial weights."""
+    import transformers
 
-    hf_cfg = hf_llama_config(cfg, bos_id=1, eos_id=2, pad_id=0)
+    hf_cfg = hf_config(cfg, bos_id=1, eos_id=2, pad_id=0)
     hf_cfg._attn_implementation = HF_ATTN[cfg.attn_backend]
     with torch.device(device):
-        model = LlamaForCausalLM(hf_cfg)
+        model = getattr(transformers, hf_architecture(cfg))(hf_cfg)
     hf_sd = to_hf_state_dict(sd, cfg)
     if cfg.tie_embeddings:
         hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"]  # listed by the HF state dict even when tied
@@ -187,18 +224,21 @@ def run(root: BenchRoot) -> dict:
     bc = root.bench
     device = torch.device(bc.device if bc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and device.type == "cuda")
-    cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000)
+    eos = root.model.eos_id if root.model.eos_id >= 0 else 2  # the peer's eos id too
+    cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000, eos_id=eos)
     if bc.seq_len > cfg.max_seq_len:
         raise ValueError(f"bench.seq_len={bc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     torch.manual_seed(bc.seed)
-    tokens = torch.randint(cfg.vocab_size, (bc.micro_batch_size, bc.seq_len + 1)).to(device)
+    tokens = torch.randint(cfg.vocab_size, (bc.micro_batch_size, bc.seq_len + 1))
+    if bc.doc_len:
+        tokens[torch.rand(tokens.shape) < 1.0 / bc.doc_len] = eos
+    tokens = tokens.to(device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # (B, T) each; y already shifted
     # Initial weights drawn once on the CPU, outside both memory windows, and loaded into both models.
     init_sd = Transformer(cfg).state_dict()
-    ours = measure("hangang", lambda: build_ours(cfg, init_sd, device), lambda m: m(x, labels=y), cfg, bc, device, bf16)
-    summary = dict(ours, peer=None, speedup=None)
-    if bc.peer:
-        peer = measure(
+
+    def peer_run() -> dict:
+        return measure(
             "transformers",
             lambda: build_peer(cfg, init_sd, device),
             lambda m: m(input_ids=x, labels=y, shift_labels=y).loss,  # shift_labels: y is already shifted
@@ -207,6 +247,15 @@ def run(root: BenchRoot) -> dict:
             device,
             bf16,
         )
+
+    if bc.impl == "transformers":
+        return dict(peer_run(), peer=None, speedup=None)
+    ours = measure(
+        "hangang", lambda: build_ours(cfg, init_sd, device, bc), lambda m: m(x, labels=y), cfg, bc, device, bf16
+    )
+    summary = dict(ours, doc_masking=cfg.doc_masking, doc_len=bc.doc_len, peer=None, speedup=None)
+    if bc.peer:
+        peer = peer_run()
         summary.update(peer=peer, speedup=round(ours["tokens_per_s"] / peer["tokens_per_s"], 3))
     return summary
 
@@ -215,7 +264,16 @@ def run(root: BenchRoot) -> dict:
 def main(cfg: DictConfig) -> None:
     with user_errors():
         root = to_object_strict(cfg)  # runs the dataclass __post_init__ checks
-        print(json.dumps(run(root)), flush=True)
+        if root.bench.suite:
+            from train.bench_suite import run_suite
+
+            run_suite(root.bench)
+        elif root.bench.find_max_micro_batch:
+            from train.bench_suite import find_max_micro_batch, overrides_from_argv
+
+            print(json.dumps(find_max_micro_batch(overrides_from_argv(), root.bench)), flush=True)
+        else:
+            print(json.dumps(run(root)), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,22 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         model = dataclasses.replace(model, vocab_size=tok.vocab_size)
     elif model.vocab_size < tok.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    if model.doc_masking:
+        # Shards separate documents with the tokenizer's eos (data_pipeline.prepare); the model needs the same id.
+        if tok.eos_id < 0:
+            raise ValueError(f"model.doc_masking=true but tokenizer.path={cfg.tokenizer.path} has no eos token")
+        if model.eos_id == -1:
+            model = dataclasses.replace(model, eos_id=tok.eos_id)
+        elif model.eos_id != tok.eos_id:
+            raise ValueError(
+                f"model.eos_id={model.eos_id} is not the tokenizer's eos id {tok.eos_id}, which separates the "
+                "documents of the shards: leave model.eos_id at -1 to take it from the tokenizer"
+            )
+    if model.attn_backend == "flex" and not torch.cuda.is_available():
+        raise ValueError(
+            "model.attn_backend=flex trains on CUDA only (torch has no FlexAttention backward on CPU): "
+            "set model.attn_backend=sdpa"
+        )
     if model.moe.enabled and model.moe.ep_size > 1:
         raise ValueError(
             f"model.moe.ep_size={model.moe.ep_size}: expert parallelism is not implemented yet; use ep_size=1 "
@@ -62,6 +78,17 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         from model.attention import load_flash_attn
 
         load_flash_attn()  # fails here, with its own message, rather than after the processes have started
+    if model.activation_checkpointing == "selective" and cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3 gathers parameters inside the checkpointed region, so the recompute replays other operators than
+        # the forward did and selective checkpointing's operator cache fails in backward.
+        raise ValueError(
+            "model.activation_checkpointing=selective does not work with deepspeed.zero_stage=3: use "
+            "activation_checkpointing=full, or zero_stage 0-2"
+        )
+    if cfg.train.fp8:
+        from train.optimize import check_fp8
+
+        check_fp8()
     layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)

@@ -34,7 +34,13 @@ class Wandb(Callback):
     """Same metrics and the resolved config to W&B; resumes the same W&B run id after a restart."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, name: str | None) -> None:
-        import wandb  # lazy: a benchmark or a disabled run must not need it
+        try:
+            import wandb  # lazy: a benchmark or a disabled run must not need it
+        except ImportError as e:
+            raise ImportError(
+                f"logging.wandb.mode={cfg.wandb.mode} needs the wandb package: `pip install wandb`, "
+                "or set logging.wandb.mode=disabled"
+            ) from e
 
         id_file = run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]

@@ -62,9 +62,14 @@ class DeepSpeedConfig:
     offload_param: bool = False
     """Keep parameters on CPU (ZeRO-Infinity; stage 3 only)."""
     overlap_comm: bool = False
+    """Overlap gradient reduce-scatter / all-reduce with the backward pass (DeepSpeed's default for stages 1-2;
+    costs extra buffers of about 4.5x reduce_bucket_size elements). Worth turning on with several GPUs."""
     contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced (less fragmentation, larger collectives)."""
     reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduce bucket (DeepSpeed's default): larger = fewer, bigger collectives, more memory."""
     allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket after the optimizer step (ZeRO 1-2; DeepSpeed's default)."""
     backend: str = "auto"
     """torch.distributed backend: auto = nccl on CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
@@ -156,6 +161,10 @@ class TrainConfig:
     """torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
     exit_after_steps: int | None = None
     """Save a checkpoint and exit after this many steps of this launch (time-limited jobs; resume tests)."""
+    compile: bool = False
+    """torch.compile each decoder block (not the whole model); parameter names and checkpoints are unchanged."""
+    fp8: bool = False
+    """FP8 matmuls in the blocks through torchao float8 training (Hopper GPUs; needs torchao)."""
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     from train.faults import PreemptionHandler
     from train.loop import Trainer, current_memory_gb
     from train.mfu import peak_flops
+    from train.optimize import optimize_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = build.plan_run(cfg, world)
@@ -31,11 +32,13 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
     build.set_threads(cfg, d.local_world_size)
     base_mem = current_memory_gb(d.device)
     model = build.build_model(plan.model, cfg.train.seed)
+    optimize_model(model, cfg.train.compile, cfg.train.fp8)
     engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d)
     loader, val, val_sources = build.build_data(plan, d.rank, d.world_size)
     run_dir = Path(cfg.run.dir)
     resolved = OmegaConf.to_container(raw, resolve=True)
     resolved["model"]["vocab_size"] = plan.model.vocab_size
+    resolved["model"]["eos_id"] = plan.model.eos_id
     callbacks = []
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -151,9 +151,10 @@ def test_sequence_balance_loss_is_one_when_uniform_and_larger_when_skewed():
     assert all_to_0 == pytest.approx(E * 0.99 / (0.99 + 3 * 0.5))  # f_0 = E, P_0 = its normalised affinity
 
 
-def test_moe_matches_dense_per_token_reference():
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_moe_matches_dense_per_token_reference(impl):
     torch.manual_seed(0)
-    cfg = MoEConfig(enabled=True, n_routed_experts=6, n_shared_experts=2, top_k=2, ffn_hidden=8)
+    cfg = MoEConfig(enabled=True, n_routed_experts=6, n_shared_experts=2, top_k=2, ffn_hidden=8, expert_impl=impl)
     moe = MoE(16, cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -238,10 +239,11 @@ def test_deepseek_1b_active_shape():
     assert activated_params(cfg) == pytest.approx(1.0e9, rel=0.1)
 
 
-def test_expert_without_tokens_still_gets_a_gradient():
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_expert_without_tokens_still_gets_a_gradient(impl):
     """Every expert weight takes part in every forward (empty slices included): no ZeRO-3 gather/reduce mismatch."""
     torch.manual_seed(0)
-    moe = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, top_k=1, ffn_hidden=8))
+    moe = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, top_k=1, ffn_hidden=8, expert_impl=impl))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     moe.gate.e_score_correction_bias[0] = 10.0  # every token goes to expert 0
@@ -250,3 +252,29 @@ def test_expert_without_tokens_still_gets_a_gradient():
     assert moe.last_load.tolist() == [12, 0, 0, 0]
     grad = moe.experts.gate_up_proj.grad
     assert grad is not None and grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+
+
+def test_grouped_mm_and_loop_experts_agree_in_forward_and_backward():
+    torch.manual_seed(0)
+    moes = {}
+    for impl in ("grouped_mm", "loop"):
+        torch.manual_seed(0)
+        moes[impl] = MoE(
+            32,
+            MoEConfig(enabled=True, n_routed_experts=8, n_shared_experts=1, top_k=3, ffn_hidden=16, expert_impl=impl),
+        )
+        for p in moes[impl].parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 7, 32)
+    grads = {}
+    for impl, moe in moes.items():
+        xi = x.clone().requires_grad_()
+        (moe(xi) * torch.linspace(-1, 1, 32)).sum().backward()
+        grads[impl] = [xi.grad] + [p.grad for p in moe.parameters()]
+    for a, b in zip(grads["grouped_mm"], grads["loop"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_expert_impl_is_refused():
+    with pytest.raises(ValueError, match="expert_impl"):
+        MoEConfig(enabled=True, expert_impl="triton")
