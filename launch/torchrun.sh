@@ -8,6 +8,8 @@
 #   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash launch/torchrun.sh experiment=ko_tiny run.dir=/shared/runs/exp1
 #   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 bash launch/torchrun.sh experiment=ko_tiny run.dir=/shared/runs/exp1
 # run.dir, tokenizer.path and data.path must be on storage every node sees.
+# A rank that dies (crash, kill -9, lost node) makes torchrun restart every worker, up to MAX_RESTARTS times (default
+# 3); the restarted job resumes from RUN_DIR/checkpoints/latest by itself (checkpoint.resume=auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,8 +21,9 @@ fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-hangang}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 
 exec "$PY" -m torch.distributed.run \
-  --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+  --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS" \
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID" \
   -m train.pretrain "$@"

@@ -95,7 +95,8 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
     tag = checkpoint.latest_tag(ckpt_dir, cfg.checkpoint.verify_hashes)
     universal = False
     if tag is not None:
-        if cfg.checkpoint.resume == "never":
+        # A torchrun restart (--max-restarts) of this same job resumes its own checkpoints even under `never`.
+        if cfg.checkpoint.resume == "never" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             raise ValueError(
                 f"{ckpt_dir} already holds checkpoint {tag} and checkpoint.resume=never: use a new run.dir"
             )

@@ -499,7 +499,7 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
         if engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights():
             _fix_zero3_universal_load(engine, tag_dir / UNIVERSAL / "zero")
         if any(getattr(p, "allreduce", True) is False for p in engine.module.parameters()):
-            # DeepSpeed writes the model states from rank 0 only: each rank takes its expert slice from the full weights.
+            # DeepSpeed writes model states from rank 0 only: each rank takes its expert slice from the full weights.
             from train.expert_parallel import load_local_experts
 
             load_local_experts(engine.module, str(tag_dir / "model.safetensors"))

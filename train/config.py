@@ -72,8 +72,10 @@ class DeepSpeedConfig:
     """Elements per parameter all-gather bucket after the optimizer step (ZeRO 1-2; DeepSpeed's default)."""
     backend: str = "auto"
     """torch.distributed backend: auto = nccl on CUDA, gloo on CPU."""
-    timeout_minutes: int = 30
-    """Collective timeout: a stalled rank ends the job instead of hanging for ever."""
+    timeout_minutes: float = 30.0
+    """Collective timeout (fractions allowed, e.g. 0.25 = 15 s): a stalled rank ends the job instead of hanging."""
+    heartbeat: bool = True
+    """Before each step, a gloo `monitored_barrier`: a rank that does not arrive within the timeout is named."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -84,6 +86,8 @@ class DeepSpeedConfig:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"deepspeed.backend={self.backend!r}: choose auto, gloo or nccl")
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"deepspeed.timeout_minutes={self.timeout_minutes} must be > 0")
 
 
 @dataclass
@@ -115,6 +119,24 @@ class LoggingConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detector: a robust z-score of the step's loss against the median/MAD of recent accepted losses."""
+
+    window: int = 100
+    """Accepted losses the median and MAD are taken over; detection starts once it is full. 0 disables."""
+    z_threshold: float = 6.0
+    """A loss with (loss - median) / (1.4826 * MAD) above this is a spike: its update is skipped."""
+    max_consecutive: int = 3
+    """After this many spikes in a row, roll back to the latest checkpoint and skip the batches that spiked."""
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or (self.window and self.window < 3):
+            raise ValueError(f"train.spike.window={self.window}: use 0 (off) or at least 3 losses")
+        if self.z_threshold <= 0 or self.max_consecutive < 1:
+            raise ValueError("train.spike.z_threshold must be > 0 and train.spike.max_consecutive >= 1")
+
+
+@dataclass
 class TrainConfig:
     """The optimization run: length, batch layout, precision, evaluation."""
 
@@ -143,6 +165,7 @@ class TrainConfig:
     """torch.compile each decoder block (not the whole model); parameter names and checkpoints are unchanged."""
     fp8: bool = False
     """FP8 matmuls in the blocks through torchao float8 training (Hopper GPUs; needs torchao)."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -159,7 +182,8 @@ class CheckpointConfig:
     every_steps: int = 100
     """Steps between checkpoints (and one at the end); 0 = only at the end."""
     resume: str = "auto"
-    """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints."""
+    """auto: resume from RUN_DIR/checkpoints/latest when present | never: refuse a run.dir that has checkpoints
+    (a torchrun restart of the same job after a rank failure still resumes)."""
     keep_last: int = 3
     """Most recent checkpoints kept (older ones deleted after each save); 0 keeps all."""
     keep_every: int = 0
@@ -187,6 +211,24 @@ class DebugConfig:
     kill_during_save_at: int | None = None
     """SIGKILL the job (under torchrun: the agent and every local rank) just before rank 0's N-th file operation of
     this launch's checkpoint saves (counted over all of them, 1 = the first); crash tests walk N over a save."""
+    kill_rank_at_step: list[int] = field(default_factory=list)
+    """[rank, step]: that rank SIGKILLs itself after that step, on the first attempt only (TORCHELASTIC_RESTART_COUNT
+    = 0), so `torchrun --max-restarts` restarts the job once."""
+    stall_rank_at_step: list[int] = field(default_factory=list)
+    """[rank, step]: that rank hangs (until killed) before that step, on the first attempt only."""
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+    """Steps whose loss is multiplied by NaN on every rank (so are its gradients)."""
+    inf_grad_at_steps: list[int] = field(default_factory=list)
+    """Steps whose gradients are made infinite on the last rank only; the loss stays finite."""
+    spike_at_steps: list[int] = field(default_factory=list)
+    """The batches these steps draw in an uninterrupted run get their loss multiplied by `spike_factor`; keyed by
+    data position, so after a rollback that skips them they do not spike again."""
+    spike_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("kill_rank_at_step", "stall_rank_at_step"):
+            if getattr(self, key) and len(getattr(self, key)) != 2:
+                raise ValueError(f"debug.{key}={getattr(self, key)}: give [rank, step], e.g. [1, 7]")
 
 
 @dataclass

@@ -52,7 +52,17 @@ def init_distributed(ds: DeepSpeedConfig) -> Dist:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed still calls torch's deprecated all_gather_into_tensor once per step; the warning is noise to users.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=ds.timeout_minutes), verbose=False)
+    timeout = timedelta(minutes=ds.timeout_minutes)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # torchrun's workers share the agent's TCPStore across restarts (--max-restarts): without a per-attempt
+        # namespace a restarted rank can read a dead rank's address from the previous attempt and fail to connect.
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        store = dist.PrefixStore(f"hangang/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # joins the group made above
     return Dist(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

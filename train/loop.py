@@ -15,6 +15,7 @@ from train import checkpoint
 from train.callbacks import Callback
 from train.config import PretrainConfig
 from train.engine import Dist, all_reduce_mean, all_reduce_sum, all_reduce_sum_tensor, full_state_dict
+from train.faults import FaultInjection, Heartbeat, NumericGuard, StepGate
 
 
 def current_memory_gb(device: torch.device) -> float:
@@ -30,6 +31,14 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16), whose `step` updates the parameters."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
 
 
 class ExtraStats:
@@ -57,8 +66,9 @@ class ExtraStats:
                 self.sums[key] = self.sums.get(key, 0.0) + stats[key].item()
         return stats["ce_loss"].item()
 
-    def finish(self, module, gamma: float, n_micro: int, d: Dist) -> dict:
-        """After the optimizer step: update the biases; metrics moe_max_violation, mtp_loss, aux_loss."""
+    def finish(self, module, gamma: float, n_micro: int, d: Dist, update: bool = True) -> dict:
+        """After the optimizer step: update the biases (unless the step was skipped); metrics moe_max_violation,
+        mtp_loss, aux_loss."""
         from model.moe import max_violation
 
         out: dict = {}
@@ -68,7 +78,8 @@ class ExtraStats:
                 out[key] = value
         if self.loads is not None:
             loads = all_reduce_sum_tensor(self.loads)
-            module.update_balance(loads, gamma)
+            if update:
+                module.update_balance(loads, gamma)
             out["moe_max_violation"] = max_violation(loads)
         return out
 
@@ -102,12 +113,41 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.preemption = None  # a train.faults.PreemptionHandler, set by the entry point
         self.preempted = False
+        spike = cfg.train.spike
+        self.guard = NumericGuard(spike.window, spike.z_threshold, spike.max_consecutive)
+        self.gate = StepGate(base_optimizer(engine), check_grads=cfg.deepspeed.zero_stage == 0)
+        self.faults = FaultInjection(cfg.debug, d.rank, d.world_size, loader.global_batch)
+        self.heartbeat = Heartbeat(cfg.deepspeed.timeout_minutes) if cfg.deepspeed.heartbeat else None
 
     def resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_s", 0.0))
+        if "faults" in state:
+            self.guard.load_state_dict(state["faults"])
+
+    def rollback(self) -> None:
+        """Back to the latest checkpoint after a run of spikes, keeping the spiking batches' positions so the loader
+        steps over them; skip counters and wall time carry on."""
+        tag = checkpoint.latest_tag(self.ckpt_dir, self.cfg.checkpoint.verify_hashes)
+        streak = self.guard.consecutive
+        if tag is None:
+            if self.d.is_main:
+                print(f"[faults] {streak} spikes in a row but no checkpoint to roll back to: going on",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            self.guard.consecutive = 0
+            return
+        kept = self.guard.state_dict()
+        elapsed, at = self._elapsed_now(), self.step
+        self.resume(tag)
+        self.guard.load_state_dict({**kept, "recent": self.guard.recent, "consecutive": 0,
+                                    "rollbacks": kept["rollbacks"] + 1})  # fmt: skip
+        self.elapsed, self._launch_start = elapsed, time.perf_counter()
+        if self.d.is_main:
+            print(f"[faults] step {at}: {streak} spikes in a row, rolled back to {tag}; skipping the batches at "
+                  f"positions {kept['bad_positions']}", file=sys.stderr, flush=True)  # fmt: skip
+        self.log({"rollback_from": at, **self.guard.metrics(), "elapsed_s": elapsed})
 
     def log(self, metrics: dict) -> None:
         if self.d.is_main:
@@ -156,7 +196,8 @@ class Trainer:
         return self.elapsed + (time.perf_counter() - self._launch_start if self._launch_start else 0.0)
 
     def save(self) -> None:
-        state = {"step": self.step, "loader": self.loader.state_dict(), "elapsed_s": self._elapsed_now()}
+        state = {"step": self.step, "loader": self.loader.state_dict(), "elapsed_s": self._elapsed_now(),
+                 "faults": self.guard.state_dict()}  # fmt: skip
         weights = full_state_dict(self.engine)
         ck = self.cfg.checkpoint
         checkpoint.save(
@@ -182,7 +223,13 @@ class Trainer:
         loss = math.nan
         stop_at = t.max_steps if t.exit_after_steps is None else min(t.max_steps, self.step + t.exit_after_steps)
         while self.step < stop_at:
+            self.faults.before_step(self.step + 1)
+            if self.heartbeat is not None:
+                self.heartbeat.beat(self.step + 1)
             start = time.perf_counter()
+            while self.loader.consumed in self.guard.bad_positions:  # batches that spiked before a rollback
+                self.loader.consumed += self.loader.global_batch
+            position = self.loader.consumed
             micro = self.loader.next_step()
             lr = self.engine.optimizer.param_groups[0]["lr"]
             progress = self.step / t.max_steps
@@ -192,17 +239,30 @@ class Trainer:
             extra = ExtraStats()
             for i, (x, y) in enumerate(micro):
                 out = self.engine(x.to(self.d.device), y.to(self.d.device))
+                out, factor = self.faults.loss(out, self.step + 1, position)
                 self.engine.backward(out)
                 if zero0 and i == len(micro) - 1:
                     grad_norm = self._stage0_grad_norm()  # DeepSpeed does not report it without ZeRO
-                self.engine.step()
                 # MoE / MTP models return CE + balance + MTP losses; `loss` stays the next-token CE everywhere.
-                loss_sum += extra.add(getattr(module, "last_stats", {})) if extra.active(module) else out.item()
-            self.step += 1
+                stats = getattr(module, "last_stats", {})
+                loss_sum += extra.add(stats) * factor if extra.active(module) else out.item()
+                if i < len(micro) - 1:
+                    self.engine.step()  # DeepSpeed only accumulates here; the update comes at the last micro-batch
+            # Every rank sees the same all-reduced loss, so every rank takes the same skip decision.
             (loss,) = all_reduce_mean([loss_sum / len(micro)], self.d.device)
+            verdict = self.guard.verdict(loss)
+            self.gate.veto, self.gate.applied = verdict is not None, False
+            self.engine.step()
+            self.gate.veto = False
+            if verdict is None and not self.gate.applied:  # DeepSpeed's overflow check or the gate: non-finite grads
+                verdict = "nonfinite"
+            self.guard.record(verdict, loss, position)
+            self.step += 1
+            if self.scheduler is not None and self.scheduler.last_epoch < self.step:
+                self.scheduler.step()  # a skipped update still advances the schedule: lr stays a function of step
             if not zero0:
                 grad_norm = self._grad_norm()
-            moe_metrics = extra.finish(module, mcfg.moe.gamma_at(progress), len(micro), self.d)
+            moe_metrics = extra.finish(module, mcfg.moe.gamma_at(progress), len(micro), self.d, verdict is None)
             elapsed = time.perf_counter() - start
             tokens_per_s = layout_tokens / elapsed
             rates.append(tokens_per_s)
@@ -217,18 +277,30 @@ class Trainer:
                 "peak_mem_gb": peak_memory_gb(self.d.device),
                 "base_mem_gb": self.base_mem_gb,
                 **moe_metrics,
+                **self.guard.metrics(),
             }
+            if verdict is not None:
+                metrics["skipped"] = verdict
+                if self.d.is_main:
+                    print(f"[faults] step {self.step}: {verdict} loss {loss:.4g} (grad norm {grad_norm:.4g}), "
+                          "update skipped", file=sys.stderr, flush=True)  # fmt: skip
             last = self.step == t.max_steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 metrics.update(self.evaluate())
                 self.last_val_loss = metrics.get("val_loss")
             metrics["elapsed_s"] = self._elapsed_now()
-            if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last:
+            if self.step % self.cfg.logging.log_every == 0 or "val_loss" in metrics or last or verdict is not None:
                 self.log(metrics)
+            self.faults.after_step(self.step)
+            if verdict == "spike" and self.guard.rollback_due:
+                self.rollback()
+                continue
             if self.cfg.debug.step_sleep_s:
                 time.sleep(self.cfg.debug.step_sleep_s)
             preempted = self.preemption is not None and self.preemption.agreed(self.d.device)
-            if (ck.every_steps and self.step % ck.every_steps == 0) or self.step == stop_at or preempted:
+            # While spikes are being skipped the weights may be what is wrong: no periodic save until one passes.
+            periodic = ck.every_steps and self.step % ck.every_steps == 0 and self.guard.consecutive == 0
+            if periodic or self.step == stop_at or preempted:
                 self.save()
             if preempted:
                 waited = self.preemption.seconds_since_signal()

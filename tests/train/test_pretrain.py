@@ -26,6 +26,9 @@ def test_zero_stages_give_the_same_losses(zero_runs):
     ref = losses(zero_runs[0])
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert ref[STEPS] < ref[1], "loss should fall over 10 steps"
+    for stage in (0, 1, 2, 3):  # every update applied: none skipped as non-finite or as a spike
+        rows = [json.loads(line) for line in (zero_runs[stage] / "metrics.jsonl").read_text().splitlines()]
+        assert not any("skipped" in row for row in rows), stage
     for stage in (1, 2, 3):
         other = losses(zero_runs[stage])
         for step, value in ref.items():
