@@ -19,7 +19,8 @@ def find_bom(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    candidates = [path / MANIFEST, path / "bom.json"]
+    # A checkpoint tag directory also holds a manifest.json (its file hashes): its bom.json comes first there.
+    candidates = [path / "bom.json", path / MANIFEST] if (path / "bom.json").is_file() else [path / MANIFEST]
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         candidates.insert(0, path / "checkpoints" / latest.read_text().strip() / "bom.json")
@@ -34,6 +35,11 @@ def find_bom(path: str | Path) -> Path:
 
 def bom_summary(manifest: dict) -> dict:
     """The BOM's essentials: per source license, attribution, documents and tokens; totals; tokenizer hash."""
+    if "sources" not in manifest:
+        raise ValueError(
+            "not a bill of materials (no 'sources'): pass a prepared data directory, a run directory or a checkpoint "
+            "directory (a checkpoint's manifest.json lists its files, its bom.json the data)"
+        )
     sources = {
         name: {
             "license": s["license"],

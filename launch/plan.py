@@ -13,8 +13,10 @@ Memory model (bf16 mixed precision, as DeepSpeed runs it on GPUs; fp32 on CPU):
   (DeepSpeed's expert-data-parallel group). On CPU (fp32): 4 + 4 + 8 B/param.
 - activations per token and layer: the tensors a Llama/DeepSeek block keeps for backward with a fused attention
   kernel (no T x T scores): 2 B x (6 d + 2 kv + 4 f_active) (+ router scores for MoE layers); the output head keeps
-  logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token. With full activation checkpointing a
-  layer keeps only its input (2 d B/token), and one layer at a time is recomputed.
+  logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token (with `model.loss_impl=chunked|liger`,
+  one chunk of fp32 logits and gradient instead). `model.activation_checkpointing=selective` keeps
+  2 B x (3 d + 2 kv + 2 f_active) per layer (norms, RoPE and SiLU*up recomputed); `full` keeps only each layer's
+  input (2 d B/token) and recomputes one layer at a time. The micro-batch and totals follow the configured mode.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact totals from the model built on the meta device (no memory), split into routed experts and the rest."""
     from model.transformer import Transformer
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    with torch.device("meta"):  # kernels do not change the parameters, and the planner may run where liger cannot
+        model = Transformer(replace(cfg, loss_impl="torch", kernels="torch"))
     total = routed = 0
     for name, p in model.named_parameters():
         total += p.numel()
@@ -109,21 +111,28 @@ def _active_ffn(cfg: ModelConfig, layer: int) -> int:
     return cfg.ffn_hidden
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, checkpointing: bool, dtype_bytes: int) -> float:
-    """Activation memory of one micro-batch (see module docstring)."""
+def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, mode: str, dtype_bytes: int) -> float:
+    """Activation memory of one micro-batch under activation checkpointing `mode` (see module docstring)."""
     d = cfg.d_model
     kv = cfg.n_kv_heads * cfg.head_dim if cfg.attention == "gqa" else cfg.kv_lora_rank + cfg.qk_rope_head_dim
     tokens = seq_len * micro
     layers = cfg.n_layers + cfg.mtp.depth
+    # selective keeps the matmul and attention outputs (q/k/v, attention, gate and up) and recomputes the norms,
+    # RoPE and SiLU * up; none also keeps those.
+    keep = (3, 2) if mode == "selective" else (6, 4)
     per_layer = [
-        dtype_bytes * (6 * d + 2 * kv + 4 * _active_ffn(cfg, i))
+        dtype_bytes * (keep[0] * d + 2 * kv + keep[1] * _active_ffn(cfg, i))
         + (4 * cfg.moe.n_routed_experts if cfg.is_moe_layer(i) else 0)
         for i in range(layers)
     ]
-    head = (dtype_bytes + 8) * cfg.vocab_size * (1 + cfg.mtp.depth)
-    if checkpointing:
-        return tokens * (dtype_bytes * d * layers + max(per_layer) + head)
-    return tokens * (sum(per_layer) + head)
+    heads = 1 + cfg.mtp.depth
+    if cfg.loss_impl == "torch":
+        head = tokens * (dtype_bytes + 8) * cfg.vocab_size * heads
+    else:  # chunked / fused: one (chunk, vocab) fp32 block of logits and its gradient at a time
+        head = 8 * cfg.vocab_size * min(tokens, cfg.loss_chunk_size)
+    if mode == "full":
+        return tokens * (dtype_bytes * d * layers + max(per_layer)) + head
+    return tokens * sum(per_layer) + head
 
 
 def state_bytes(counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, fp32: bool) -> dict[str, float]:
@@ -154,9 +163,10 @@ def plan(cfg: PlanConfig) -> dict:
     fixed = sum(states.values())
     peak, mem = GPUS.get(cfg.gpu, (None, None))
     capacity = (cfg.gpu_memory_gb * 1e9 if cfg.gpu_memory_gb else mem or 0) * USABLE
-    act = {ck: activation_bytes(model, cfg.seq_len, 1, ck, 4 if fp32 else 2) for ck in (False, True)}
-    largest = {ck: max(0, math.floor((capacity - fixed) / act[ck])) if capacity else None for ck in act}
-    micro = cfg.micro_batch_size or largest[False] or largest[True] or 1
+    act = {m: activation_bytes(model, cfg.seq_len, 1, m, 4 if fp32 else 2) for m in ("none", "selective", "full")}
+    largest = {m: max(0, math.floor((capacity - fixed) / act[m])) if capacity else None for m in act}
+    mode = model.activation_checkpointing
+    micro = cfg.micro_batch_size or largest[mode] or largest["full"] or 1
     mfu = cfg.mfu
     if cfg.run_dir:
         from train.report import find_runs, summarize
@@ -174,14 +184,21 @@ def plan(cfg: PlanConfig) -> dict:
         "flops_per_token": fpt,
         "memory_gb": {
             **{k: v / gb for k, v in states.items()},
-            "activations_per_micro_batch": act[False] / gb,
-            "activations_per_micro_batch_checkpointed": act[True] / gb,
+            "activation_checkpointing": mode,
+            "loss_impl": model.loss_impl,
+            "activations_per_micro_batch": act[mode] / gb,
+            "activations_per_micro_batch_selective": act["selective"] / gb,
+            "activations_per_micro_batch_checkpointed": act["full"] / gb,
             "micro_batch_size": micro,
-            "total": (fixed + micro * act[False]) / gb,
-            "total_checkpointed": (fixed + micro * act[True]) / gb,
+            "total": (fixed + micro * act[mode]) / gb,
+            "total_checkpointed": (fixed + micro * act["full"]) / gb,
             "capacity": capacity / gb if capacity else None,
         },
-        "largest_micro_batch": {"no_checkpointing": largest[False], "full_checkpointing": largest[True]},
+        "largest_micro_batch": {
+            "no_checkpointing": largest["none"],
+            "selective_checkpointing": largest["selective"],
+            "full_checkpointing": largest["full"],
+        },
         "tokens": tokens,
         "mfu": mfu,
         "days": seconds / 86400 if seconds else None,
@@ -200,11 +217,14 @@ def render(cfg: PlanConfig, p: dict) -> str:
         + (" + parameter offload" if cfg.deepspeed.offload_param else ""),
         f"memory per GPU (GB): weights {m['weights']:.2f}, gradients {m['gradients']:.2f}, optimizer "
         f"{m['optimizer']:.2f}, activations per micro-batch {m['activations_per_micro_batch']:.2f} "
-        f"({m['activations_per_micro_batch_checkpointed']:.2f} with full activation checkpointing)",
+        f"(activation checkpointing {m['activation_checkpointing']}, loss {m['loss_impl']}; "
+        f"{m['activations_per_micro_batch_selective']:.2f} selective, "
+        f"{m['activations_per_micro_batch_checkpointed']:.2f} full)",
         f"at micro-batch {m['micro_batch_size']}: {m['total']:.1f} GB ({m['total_checkpointed']:.1f} GB checkpointed)"
         + (f" of {m['capacity']:.0f} GB usable" if m["capacity"] else ""),
         f"largest micro-batch that fits: {p['largest_micro_batch']['no_checkpointing']} "
-        f"({p['largest_micro_batch']['full_checkpointing']} with full activation checkpointing)",
+        f"({p['largest_micro_batch']['selective_checkpointing']} with selective, "
+        f"{p['largest_micro_batch']['full_checkpointing']} with full activation checkpointing)",
     ]
     if p["gpu_hours"]:
         lines.append(

@@ -70,3 +70,26 @@ def test_expert_parallel_memory_follows_deepspeed_partitioning():
     assert per_gpu(2, 3) == per_gpu(1, 3)  # the expert shards per GPU are the same size either way
     assert per_gpu(2, 1)["weights"] == (200 + 800 / 2) * 4  # without ZeRO-3, EP halves the experts held
     assert per_gpu(2, 1)["optimizer"] == (200 / 8 + 400 / 4) * 8
+
+
+def test_loss_impl_and_checkpointing_mode_change_activations():
+    """The fused/chunked loss drops the per-token logits term; selective checkpointing sits between none and full;
+    the configured mode decides the micro-batch and the total. H100 check in BENCHMARKS.md."""
+    base = ["model=llama_1b", "vocab_size=128256", "gpus=1", "gpu=h100", "seq_len=4096", "deepspeed.zero_stage=0"]
+    plain = plan(make(*base))
+    fused = plan(make(*base, "model.loss_impl=chunked"))
+    sel = plan(make(*base, "model.loss_impl=liger", "model.activation_checkpointing=selective"))
+    m, f, s = plain["memory_gb"], fused["memory_gb"], sel["memory_gb"]
+    logits_gb = 4096 * 10 * 128256 / 1e9  # bf16 logits + fp32 copy + fp32 gradient per sequence
+    assert m["activations_per_micro_batch"] - f["activations_per_micro_batch"] == pytest.approx(
+        logits_gb - 8 * 128256 * 4096 / 1e9
+    )
+    assert f["activations_per_micro_batch_checkpointed"] < s["activations_per_micro_batch"]
+    assert s["activations_per_micro_batch"] < f["activations_per_micro_batch"]
+    assert (
+        s["activation_checkpointing"] == "selective"
+        and s["activations_per_micro_batch"] == s["activations_per_micro_batch_selective"]
+    )
+    big = sel["largest_micro_batch"]
+    assert big["no_checkpointing"] < big["selective_checkpointing"] < big["full_checkpointing"]
+    assert s["micro_batch_size"] == big["selective_checkpointing"]
