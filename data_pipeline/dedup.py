@@ -2,7 +2,10 @@
 
 Signatures are computed in the per-file workers with numpy: character shingles hashed by a polynomial rolling
 hash, then 32-bit multiply-add permutations (several times faster in numpy than datasketch's 64-bit modular ones).
-The LSH index is datasketch's `MinHashLSH`, filled in one global pass in a fixed order (source, file, row), so the
+The LSH index bands each signature as datasketch's `MinHashLSH` does (same band count and width, chosen by the same
+false-positive/false-negative criterion; a document is a near duplicate when any band equals an earlier one's), but
+as plain dicts of band bytes: the same decisions without importing datasketch and scipy (1.1 s) or wrapping each
+signature (measured in BENCHMARKS.md). It is filled in one global pass in a fixed order (source, file, row), so the
 first occurrence is kept whatever the number of workers or parts.
 """
 
@@ -57,18 +60,31 @@ def signature(text: str, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray])
     return sig.astype(np.uint64)
 
 
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) minimizing the mean of the false-positive and false-negative probabilities at
+    `threshold`: datasketch's `_optimal_param` with equal weights, integrated with numpy instead of scipy."""
+    best, opt = float("inf"), (0, 0)
+    lo, hi = np.linspace(0.0, threshold, 2001), np.linspace(threshold, 1.0, 2001)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = np.trapezoid(1 - (1 - lo**r) ** b, lo)
+            fn = np.trapezoid((1 - hi**r) ** b, hi)
+            err = 0.5 * fp + 0.5 * fn
+            if err < best:
+                best, opt = err, (b, r)
+    return opt
+
+
 class Deduplicator:
     """Global first-occurrence-wins dedup; feed documents in a fixed order."""
 
     def __init__(self, cfg: DedupConfig) -> None:
         self.cfg = cfg
         self.exact: set[bytes] = set()
-        self.lsh = None
+        self.bands: list[set[bytes]] = []
         if cfg.near:
-            from datasketch import MinHashLSH
-
-            self.lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-        self._n = 0
+            b, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
+            self.bands = [set() for _ in range(b)]
 
     def check(self, key: bytes, sig: np.ndarray | None) -> str | None:
         """'exact_duplicate' / 'near_duplicate' when an earlier document matches, else None (and remember it)."""
@@ -76,12 +92,11 @@ class Deduplicator:
             if key in self.exact:
                 return "exact_duplicate"
             self.exact.add(key)
-        if self.lsh is not None and sig is not None:
-            from datasketch import LeanMinHash
-
-            mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")  # our values are 32-bit affine hashes
-            if self.lsh.query(mh):
+        if self.bands and sig is not None:
+            r = self.rows
+            keys = [sig[i * r : (i + 1) * r].tobytes() for i in range(len(self.bands))]
+            if any(k in band for k, band in zip(keys, self.bands, strict=True)):
                 return "near_duplicate"
-            self.lsh.insert(self._n, mh, check_duplication=False)
-            self._n += 1
+            for k, band in zip(keys, self.bands, strict=True):
+                band.add(k)
         return None

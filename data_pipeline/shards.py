@@ -26,6 +26,8 @@ class ShardWriter:
         self._fh = None
         self._hash = None
         self._n = 0
+        self._pending: list[np.ndarray] = []  # documents buffered into one write (same bytes, far fewer calls)
+        self._pending_n = 0
 
     def _open(self) -> None:
         name = f"{self.prefix}_{len(self.shards):05d}.bin"
@@ -41,7 +43,16 @@ class ShardWriter:
             self._fh = None
 
     def write(self, tokens: np.ndarray) -> None:
-        tokens = np.asarray(tokens, dtype=self.dtype)
+        self._pending.append(np.asarray(tokens, dtype=self.dtype))
+        self._pending_n += self._pending[-1].size
+        if self._pending_n >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        tokens = np.concatenate(self._pending)
+        self._pending, self._pending_n = [], 0
         while tokens.size:
             if self._fh is None or self._n >= self.shard_tokens:
                 self._close()
@@ -54,6 +65,7 @@ class ShardWriter:
             tokens = tokens[take:]
 
     def close(self) -> list[dict]:
+        self._flush()
         self._close()
         return self.shards
 
