@@ -10,7 +10,10 @@ Memory model (bf16 mixed precision, as DeepSpeed runs it on GPUs; fp32 on CPU):
   the optimizer states over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload
   moves optimizer states (and with offload_param, weights) to CPU memory. Routed experts are first split over
   `model.moe.ep_size` ranks, and ZeRO shards a rank's experts over the gpus / ep_size ranks holding the same ones
-  (DeepSpeed's expert-data-parallel group). On CPU (fp32): 4 + 4 + 8 B/param.
+  (DeepSpeed's expert-data-parallel group). On CPU (fp32, process RSS): 4 + 4 + 8 B/param, plus DeepSpeed's
+  buffers (ZeRO-0: the flat all-reduce bucket, 4 B/param; ZeRO-1/2: fp32 partition copy, flat reduce bucket and the
+  parameters' original storage left resident, 4/N + 4 + 4 B/param) and activations x 1.4 (freed pages glibc keeps),
+  calibrated and checked against real runs in BENCHMARKS.md.
 - activations per token and layer: the tensors a Llama/DeepSeek block keeps for backward with a fused attention
   kernel (no T x T scores): 2 B x (6 d + 2 kv + 4 f_active) (+ router scores for MoE layers); the output head keeps
   logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token (with `model.loss_impl=chunked|liger`,
@@ -45,6 +48,7 @@ GPUS = {
     "a100": (312e12, 80e9),
     "a100-40g": (312e12, 40e9),
 }
+CPU_ACTIVATION_FACTOR = 1.4  # measured RSS per sequence / saved-tensor bytes, model=small on the 2-core dev VM
 USABLE = 0.90  # share of GPU memory a run can plan for (allocator fragmentation, CUDA context, NCCL buffers)
 
 
@@ -151,7 +155,18 @@ def state_bytes(counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, 
     weights = 0.0 if ds.offload_param else sharded(w, 3)
     grads = sharded(g, 2)
     optim = 0.0 if ds.offload_optimizer else sharded(o, 1)
-    return {"weights": weights, "gradients": grads, "optimizer": optim}
+    states = {"weights": weights, "gradients": grads, "optimizer": optim}
+    if fp32:
+        # What DeepSpeed adds on CPU (gloo), as measured on the dev VM (BENCHMARKS.md): ZeRO-0 flattens all gradients
+        # into one all-reduce bucket (4 B/param); ZeRO-1/2 keep an fp32 copy of the partition, a flat reduce bucket of
+        # up to reduce_bucket_size elements, and the parameters' original storage, which glibc keeps resident after
+        # DeepSpeed moves them into its flat buffer (4 B/param each). Not modelled for ZeRO-3.
+        n = dense + experts
+        if s == 0:
+            states["buffers"] = 4.0 * n
+        elif s in (1, 2):
+            states["buffers"] = 4.0 * n / gpus + 4.0 * min(n, ds.reduce_bucket_size) + 4.0 * n
+    return states
 
 
 def plan(cfg: PlanConfig) -> dict:
@@ -164,6 +179,8 @@ def plan(cfg: PlanConfig) -> dict:
     peak, mem = GPUS.get(cfg.gpu, (None, None))
     capacity = (cfg.gpu_memory_gb * 1e9 if cfg.gpu_memory_gb else mem or 0) * USABLE
     act = {m: activation_bytes(model, cfg.seq_len, 1, m, 4 if fp32 else 2) for m in ("none", "selective", "full")}
+    if fp32:  # process RSS on CPU: glibc keeps the pages of freed activations and backward transients resident
+        act = {m: v * CPU_ACTIVATION_FACTOR for m, v in act.items()}
     largest = {m: max(0, math.floor((capacity - fixed) / act[m])) if capacity else None for m in act}
     mode = model.activation_checkpointing
     micro = cfg.micro_batch_size or largest[mode] or largest["full"] or 1
@@ -216,7 +233,9 @@ def render(cfg: PlanConfig, p: dict) -> str:
         + (" + optimizer offload" if cfg.deepspeed.offload_optimizer else "")
         + (" + parameter offload" if cfg.deepspeed.offload_param else ""),
         f"memory per GPU (GB): weights {m['weights']:.2f}, gradients {m['gradients']:.2f}, optimizer "
-        f"{m['optimizer']:.2f}, activations per micro-batch {m['activations_per_micro_batch']:.2f} "
+        f"{m['optimizer']:.2f}, "
+        + (f"DeepSpeed buffers {m['buffers']:.2f}, " if "buffers" in m else "")
+        + f"activations per micro-batch {m['activations_per_micro_batch']:.2f} "
         f"(activation checkpointing {m['activation_checkpointing']}, loss {m['loss_impl']}; "
         f"{m['activations_per_micro_batch_selective']:.2f} selective, "
         f"{m['activations_per_micro_batch_checkpointed']:.2f} full)",
