@@ -21,15 +21,6 @@ from model.transformer import Transformer, num_params
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is ~100x faster than two spinning on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ds_cfg(**overrides) -> ModelConfig:
     base = dict(
         vocab_size=128, d_model=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_hidden=96, max_seq_len=64,

@@ -23,14 +23,6 @@ except ImportError:
 gpu_liger = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_LIGER), reason="needs CUDA and liger-kernel")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dense_cfg(**overrides) -> ModelConfig:
     base = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32)
     return ModelConfig(**(base | overrides))
