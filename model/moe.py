@@ -105,8 +105,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.n_local, d_model, hidden))
 
     def _grouped(self, x: torch.Tensor) -> bool:
+        if self.impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError(
+                f"model.moe.expert_impl=grouped_mm needs torch._grouped_mm (PyTorch 2.8 or newer; this is "
+                f"{torch.__version__}): upgrade PyTorch or set model.moe.expert_impl=loop"
+            )
         if self.impl != "auto":
             return self.impl == "grouped_mm"
+        if not hasattr(torch, "_grouped_mm"):
+            return False
         if x.device.type == "cuda":  # PyTorch's CUDA grouped GEMM is bf16-only
             return torch.is_autocast_enabled("cuda") or x.dtype == torch.bfloat16
         return x.device.type == "cpu"
