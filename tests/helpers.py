@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 
@@ -76,3 +79,13 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in row:
             out[row["step"]] = row["loss"]
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is ~100x faster than two spinning on a shared, loaded 2-core machine.
+    Autouse wherever it is imported (tests/model/conftest.py, tests/train/test_hf_export_deepseek.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -12,6 +12,9 @@ from train.config import LoggingConfig
 
 
 class Callback:
+    def on_resume(self, step: int) -> None:
+        """The run continues from checkpoint `step`."""
+
     def on_log(self, step: int, metrics: dict) -> None: ...
 
     def close(self) -> None: ...
@@ -77,6 +80,10 @@ class Progress(Callback):
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, desc="train", mininterval=0.5 if tty else 15, dynamic_ncols=True)
         self.last = initial
+
+    def on_resume(self, step: int) -> None:
+        self.bar.update(step - self.last)
+        self.last = step
 
     def on_log(self, step: int, metrics: dict) -> None:
         self.bar.update(step - self.last)

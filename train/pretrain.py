@@ -81,10 +81,8 @@ def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
             trainer.resume(plan.resume_tag)
             if d.is_main:
                 print(f"[pretrain] resumed from {run_dir / 'checkpoints' / plan.resume_tag}", file=sys.stderr)
-                for cb in callbacks:
-                    if isinstance(cb, Progress):
-                        cb.bar.update(trainer.step)
-                        cb.last = trainer.step
+            for cb in callbacks:
+                cb.on_resume(trainer.step)
         summary = trainer.fit()
     finally:
         for cb in callbacks:

@@ -10,7 +10,8 @@ import transformers
 
 from model.config import MoEConfig, MTPConfig
 from model.transformer import Transformer
-from tests.model.test_deepseek import ds_cfg, one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers import one_thread  # noqa: F401  (autouse fixture)
+from tests.model.test_deepseek import ds_cfg
 from train.hf_export import hf_deepseek_config, save_hf_model, to_hf_state_dict
 
 
