@@ -19,8 +19,8 @@ def find_bom(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    # A checkpoint tag directory also holds a manifest.json (its file hashes): its bom.json comes first there.
-    candidates = [path / "bom.json", path / MANIFEST] if (path / "bom.json").is_file() else [path / MANIFEST]
+    # bom.json first: a checkpoint tag directory also holds a manifest.json, of its files, not of the data.
+    candidates = [path / "bom.json", path / MANIFEST]
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         candidates.insert(0, path / "checkpoints" / latest.read_text().strip() / "bom.json")

@@ -13,6 +13,11 @@ from torch import nn
 from model.config import MoEConfig
 
 
+def swiglu(g: torch.Tensor, u: torch.Tensor, liger=None) -> torch.Tensor:
+    """silu(g) * u, through liger-kernel's fused kernel when `liger` (its functional module) is given."""
+    return F.silu(g) * u if liger is None else liger.liger_swiglu(g, u)
+
+
 class Router(nn.Module):
     """Sigmoid affinities; the balancing bias steers which experts are chosen but never the gate values."""
 
@@ -129,26 +134,30 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs.to(dt), self.gate_up_proj.to(dt).transpose(-2, -1), offs=offs)
             g, u = h.chunk(2, dim=-1)
-            a = ((F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)) * g_sorted).to(dt)
+            a = (swiglu(g, u, self._liger) * g_sorted).to(dt)
             return torch._grouped_mm(a, self.down_proj.to(dt).transpose(-2, -1), offs=offs)
         outs = []
         # An expert with no tokens still runs on an empty slice, so every rank touches every expert weight.
         for e, chunk in enumerate(xs.split(counts.tolist())):
             g, u = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
-            act = F.silu(g) * u if self._liger is None else self._liger.liger_swiglu(g, u)
-            outs.append(F.linear((act * g_sorted[: chunk.size(0)]).to(g.dtype), self.down_proj[e]))
+            act = swiglu(g, u, self._liger) * g_sorted[: chunk.size(0)]
+            outs.append(F.linear(act.to(g.dtype), self.down_proj[e]))
             g_sorted = g_sorted[chunk.size(0) :]
         return torch.cat(outs)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x (N, d), idx/gates (N, K) -> sum_k gates[:, k] * expert_{idx[:, k]}(x), (N, d). No token is dropped."""
+    def forward(
+        self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (N, d), idx/gates (N, K) -> sum_k gates[:, k] * expert_{idx[:, k]}(x), (N, d). No token is dropped.
+        `counts` (E,): rows routed to each global expert, when the caller has them already."""
         K = idx.size(1)
         flat = idx.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
         token = order // K
         xs = x[token]  # (N*K, d), grouped by global expert
         g_sorted = gates.flatten()[order, None]  # (N*K, 1), fp32 as HF
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        if counts is None:
+            counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
         d = self.dispatcher
         if d.ep_size == 1:
             ys = self._compute(xs, g_sorted, counts)
@@ -191,9 +200,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._liger is not None:
-            return self.down_proj(self._liger.liger_swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self._liger))
 
 
 class MoE(nn.Module):
@@ -217,10 +224,11 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         scores, idx, gates = self.gate(flat)
-        y = self.experts(flat, idx, gates).view(B, T, d)
+        counts = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)  # (E,), dispatch and load
+        y = self.experts(flat, idx, gates, counts).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        self.last_load = torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts).float()
+        self.last_load = counts.float()
         self.last_aux = None
         if self.training and self.cfg.seq_alpha > 0:
             self.last_aux = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
