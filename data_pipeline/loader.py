@@ -75,6 +75,11 @@ class DistributedBatchLoader:
         self.consumed += self.global_batch
         return batches
 
+    def skip(self, positions) -> None:
+        """Step over the global batches that start at any of `positions` (batches a rollback steps over)."""
+        while self.consumed in positions:
+            self.consumed += self.global_batch
+
     def state_dict(self) -> dict:
         """Saved: sequences consumed globally, the seed, and the dataset size (to catch a changed dataset)."""
         return {"consumed": self.consumed, "seed": self.seed, "num_sequences": len(self.data)}

@@ -6,12 +6,16 @@ entry point converts the composed config to these dataclasses (`OmegaConf.to_obj
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.config import DataConfig
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig, MoEConfig, MTPConfig
 from tokenizer.config import TokenizerConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -136,6 +140,68 @@ class SpikeConfig:
             raise ValueError("train.spike.z_threshold must be > 0 and train.spike.max_consecutive >= 1")
 
 
+BALANCES = ("aux_free", "aux_loss")
+
+
+@dataclass
+class BalanceConfig:
+    """MoE load balancing during training (`train.moe`): DeepSeek-V3's auxiliary-loss-free bias plus a small
+    sequence-wise balance loss, or (aux_loss) the balance loss alone."""
+
+    balance: str = "aux_free"
+    """aux_free: per-expert selection bias moved by `gamma` after each step, plus a sequence-wise loss with
+    `seq_aux_alpha` | aux_loss: no bias; sequence-wise balance loss with `aux_loss_alpha` (DeepSeek-V2 style)."""
+    gamma: float = 1e-3
+    """Bias update speed (DeepSeek-V3: 0.001)."""
+    gamma_until: float = 1.0
+    """gamma until this fraction of train.max_steps, then 0 (DeepSeek-V3 froze it for the last ~3% of tokens)."""
+    seq_aux_alpha: float = 1e-4
+    """Weight of the complementary sequence-wise balance loss in aux_free mode (DeepSeek-V3: 0.0001)."""
+    aux_loss_alpha: float = 1e-2
+    """Weight of the sequence-wise balance loss in aux_loss mode."""
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCES:
+            raise ValueError(f"train.moe.balance={self.balance!r}: choose one of {BALANCES}")
+
+    def gamma_at(self, progress: float) -> float:
+        """Bias update speed at `progress` = step / max_steps (0 in aux_loss mode)."""
+        if self.balance != "aux_free":
+            return 0.0
+        return self.gamma if progress < self.gamma_until else 0.0
+
+    @property
+    def seq_alpha(self) -> float:
+        return self.seq_aux_alpha if self.balance == "aux_free" else self.aux_loss_alpha
+
+
+@dataclass
+class MTPWeightConfig:
+    """Weight lambda of the multi-token-prediction loss over training (`train.mtp`; DeepSeek-V3's schedule)."""
+
+    loss_weight: float = 0.3
+    """lambda until `weight_switch` of training (DeepSeek-V3: 0.3)."""
+    loss_weight_final: float = 0.1
+    """lambda after `weight_switch` (DeepSeek-V3: 0.1 for the last 4.8T of 14.8T tokens)."""
+    weight_switch: float = 0.7
+    """Fraction of train.max_steps at which lambda switches to `loss_weight_final`."""
+
+    def weight_at(self, progress: float) -> float:
+        return self.loss_weight if progress < self.weight_switch else self.loss_weight_final
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees beyond ZeRO data parallelism (`parallel`)."""
+
+    ep_size: int = 1
+    """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+
+    def __post_init__(self) -> None:
+        if self.ep_size <= 0:
+            raise ValueError(f"parallel.ep_size must be positive, got {self.ep_size}")
+
+
 @dataclass
 class TrainConfig:
     """The optimization run: length, batch layout, precision, evaluation."""
@@ -161,11 +227,13 @@ class TrainConfig:
     """torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
     exit_after_steps: int | None = None
     """Save a checkpoint and exit after this many steps of this launch (time-limited jobs; resume tests)."""
-    compile: bool = False
-    """torch.compile each decoder block (not the whole model); parameter names and checkpoints are unchanged."""
-    fp8: bool = False
-    """FP8 matmuls in the blocks through torchao float8 training (Hopper GPUs; needs torchao)."""
     spike: SpikeConfig = field(default_factory=SpikeConfig)
+    moe: BalanceConfig = field(default_factory=lambda: BalanceConfig())
+    mtp: MTPWeightConfig = field(default_factory=lambda: MTPWeightConfig())
+    compile: bool | None = None
+    """Deprecated spelling of `execution.compile`."""
+    fp8: bool | None = None
+    """Deprecated spelling of `execution.fp8`."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -242,10 +310,102 @@ class RunConfig:
 
 
 @dataclass
+class MoENode(MoEConfig):
+    """`model.moe` as written in configs: the architecture, plus keys that moved elsewhere (accepted, with a
+    deprecation message; see MOVED_KEYS)."""
+
+    ep_size: int | None = None
+    expert_impl: str | None = None
+    balance: str | None = None
+    gamma: float | None = None
+    gamma_until: float | None = None
+    seq_aux_alpha: float | None = None
+    aux_loss_alpha: float | None = None
+
+
+@dataclass
+class MTPNode(MTPConfig):
+    """`model.mtp` as written in configs (moved keys accepted, see MOVED_KEYS)."""
+
+    loss_weight: float | None = None
+    loss_weight_final: float | None = None
+    weight_switch: float | None = None
+
+
+@dataclass
+class ModelNode(ModelConfig):
+    """The `model` config node: a ModelConfig (architecture) plus the execution keys it held before they moved to
+    `execution.*` (still accepted, with a deprecation message; see MOVED_KEYS). `model_config()` drops them."""
+
+    attn_backend: str | None = None
+    loss_impl: str | None = None
+    loss_chunk_size: int | None = None
+    kernels: str | None = None
+    activation_checkpointing: str | None = None
+    moe: MoENode = field(default_factory=MoENode)
+    mtp: MTPNode = field(default_factory=MTPNode)
+
+    def model_config(self) -> ModelConfig:
+        """The architecture alone (what the model, checkpoints and resume compatibility see)."""
+        return _as_base(self, ModelConfig, moe=_as_base(self.moe, MoEConfig), mtp=_as_base(self.mtp, MTPConfig))
+
+
+def _as_base(obj, cls, **override):
+    """`obj` (an instance of a subclass of dataclass `cls`) as a plain `cls`, keeping only `cls`'s fields."""
+    return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init and f.name not in override},
+               **override)  # fmt: skip
+
+
+MOVED_KEYS = {
+    "model.attn_backend": "execution.attn_backend",
+    "model.loss_impl": "execution.loss_impl",
+    "model.loss_chunk_size": "execution.loss_chunk_size",
+    "model.kernels": "execution.kernels",
+    "model.activation_checkpointing": "execution.activation_checkpointing",
+    "model.moe.expert_impl": "execution.expert_impl",
+    "train.compile": "execution.compile",
+    "train.fp8": "execution.fp8",
+    "model.moe.ep_size": "parallel.ep_size",
+    "model.moe.balance": "train.moe.balance",
+    "model.moe.gamma": "train.moe.gamma",
+    "model.moe.gamma_until": "train.moe.gamma_until",
+    "model.moe.seq_aux_alpha": "train.moe.seq_aux_alpha",
+    "model.moe.aux_loss_alpha": "train.moe.aux_loss_alpha",
+    "model.mtp.loss_weight": "train.mtp.loss_weight",
+    "model.mtp.loss_weight_final": "train.mtp.loss_weight_final",
+    "model.mtp.weight_switch": "train.mtp.weight_switch",
+}
+"""Keys that left `model` (architecture only) and `train` for the config that owns them: old spelling -> new."""
+
+
+def move_deprecated_keys(raw: DictConfig, quiet: bool = False) -> list[str]:
+    """Move every old-spelling key that is set (not null) in `raw` to its new place, in place; returns one
+    deprecation message per key moved (printed to stderr on rank 0 unless `quiet`)."""
+    notes = []
+    for old, new in MOVED_KEYS.items():
+        value = OmegaConf.select(raw, old, default=None)
+        if value is None or OmegaConf.select(raw, new.rsplit(".", 1)[0], default=None) is None:
+            continue
+        OmegaConf.update(raw, new, value, merge=False)
+        OmegaConf.update(raw, old, None, merge=False)
+        notes.append(f"{old} is deprecated: it moved to {new} (set {new}={value})")
+    if notes and not quiet and _rank0():
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+    return notes
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@dataclass
 class PretrainConfig:
     """Root of `configs/train.yaml`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelNode = field(default_factory=ModelNode)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -255,6 +415,10 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, ModelNode):  # from Hydra; moved keys were taken out by move_deprecated_keys
+            self.model = self.model.model_config()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Expert parallelism: routed experts sharded over groups of `model.moe.ep_size` ranks, tokens moved by all-to-all.
+"""Expert parallelism: routed experts sharded over groups of `parallel.ep_size` ranks, tokens moved by all-to-all.
 
 The model sees only `AllToAllDispatcher` (a `model.moe.ExpertDispatcher`). DeepSpeed sees expert parameters the way
 its own MoE layers present them: `allreduce = False` and `group_name = "ep_size_N"`, their own optimizer param
@@ -20,11 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import ExpertDispatcher, Experts
-
-
-def group_name(ep_size: int) -> str:
-    """DeepSpeed's name of the expert groups of this degree (`deepspeed.moe.layer.MoE.expert_group_name`)."""
-    return f"ep_size_{ep_size}"
+from train.engine.deepspeed_compat import (
+    create_expert_groups,
+    expert_group_name,
+    expert_parallel_group,
+    expert_parallel_marker,
+    place_zero3_expert_param,
+)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -73,35 +75,11 @@ class AllToAllDispatcher(ExpertDispatcher):
         return _AllToAll.apply(t, in_splits, out_splits, self.group)
 
 
-def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int) -> None:
-    """Refuse an expert-parallel degree this job cannot run, before any process group exists."""
-    if ep_size == 1:
-        return
-    if world_size % ep_size:
-        raise ValueError(
-            f"model.moe.ep_size={ep_size} must divide the number of ranks ({world_size}): each group of ep_size "
-            "ranks holds one copy of all experts. Choose a divisor of the world size, or launch a multiple of it"
-        )
-    if n_experts % ep_size:
-        raise ValueError(f"model.moe.ep_size={ep_size} must divide model.moe.n_routed_experts={n_experts}")
-    if zero_stage == 0:
-        raise ValueError(
-            f"model.moe.ep_size={ep_size} with deepspeed.zero_stage=0: without ZeRO, DeepSpeed clips gradients by "
-            "the mean of each rank's local norm, which misses the other ranks' expert shards, so clipped steps would "
-            "differ from ep_size=1. Use deepspeed.zero_stage=1, 2 or 3 with ep_size > 1"
-        )
-
-
 def make_dispatcher(ep_size: int) -> AllToAllDispatcher | None:
     """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective) and this rank's dispatcher."""
     if ep_size == 1:
         return None
-    from deepspeed.utils import groups
-
-    name = group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    group = groups._get_expert_parallel_group(name)
+    group = create_expert_groups(ep_size)
     return AllToAllDispatcher(group, ep_size, dist.get_rank(group=group))
 
 
@@ -110,65 +88,33 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, Experts) for p in (m.gate_up_proj, m.down_proj)]
 
 
-def _marker_class():
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    class ExpertParallelMarker(DeepSpeedMoE):
-        """A parameterless child that makes DeepSpeed's engine run its MoE code paths (`has_moe_layers`).
-
-        The engine turns on expert-aware gradient reduction, ZeRO 1/2 partitioning and broadcasting only when the
-        model contains a `deepspeed.moe.layer.MoE`. The real experts live in our `Experts` modules, outside this
-        marker; `num_local_experts = 0` keeps DeepSpeed from writing or reading per-expert checkpoint files of its
-        own (our expert weights go through the model-states and ZeRO files, and model.safetensors).
-        """
-
-        def __init__(self, ep_size: int, n_experts: int) -> None:
-            nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: no gate, no experts of its own
-            self.ep_size, self.num_experts, self.num_local_experts = ep_size, n_experts, 0
-            self.expert_group_name = group_name(ep_size)
-            self.enable_expert_tensor_parallelism = False
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # make_dispatcher created the groups before the model was built
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("ExpertParallelMarker only marks the model for DeepSpeed; it is never called")
-
-    return ExpertParallelMarker
-
-
 MARKER = "deepspeed_ep_marker"
 """Attribute name of the marker on the model (a child module; it holds no state, so state dicts are unchanged)."""
 
 
 def prepare_model(model: nn.Module, ep_size: int, zero_stage: int) -> None:
     """Tag the expert parameters as DeepSpeed does for its expert-parallel layers (before deepspeed.initialize)."""
-    from deepspeed.utils import groups
-
-    name = group_name(ep_size)
+    name = expert_group_name(ep_size)
     for p in expert_params(model):
-        p.allreduce = False
+        p.allreduce = False  # DeepSpeed's mark of an expert-parallel parameter
         p.group_name = name
         if zero_stage == 3:
-            # ZeRO-3 partitions a parameter over `ds_zero_partition_process_group` when it has one, and averages
-            # the gradients of the "autoep_expert" family over all data-parallel ranks while reducing them only
-            # within that group: the placement DeepSpeed gives its own AutoEP experts.
-            p.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(name)
-            p.ds_zero_placement_family = "autoep_expert"
-            p.ds_zero_partition_group_name = name
+            place_zero3_expert_param(p, name)
     if zero_stage < 3:  # under ZeRO-3 the engine refuses native MoE layers; the placement above is enough there
-        model.add_module(MARKER, _marker_class()(ep_size, model.cfg.moe.n_routed_experts))
+        model.add_module(MARKER, expert_parallel_marker(ep_size, model.cfg.moe.n_routed_experts))
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
+def has_expert_params(model: nn.Module) -> bool:
+    return any(is_expert_param(p) for p in model.parameters())
+
+
 def gather_experts(p: torch.Tensor) -> torch.Tensor:
     """Full (E, ...) tensor of a sharded expert parameter, stacked in expert-parallel rank order (collective)."""
-    from deepspeed.utils import groups
-
-    group = groups._get_expert_parallel_group(p.group_name)
+    group = expert_parallel_group(p.group_name)
     parts = [torch.empty_like(p.data) for _ in range(dist.get_world_size(group=group))]
     dist.all_gather(parts, p.data.contiguous(), group=group)
     return torch.cat(parts)

@@ -1,4 +1,4 @@
-"""Cross-cutting concerns of the loop, on rank 0: metrics.jsonl, Weights & Biases, the progress bar."""
+"""Where metrics go, on rank 0: metrics.jsonl, Weights & Biases, the progress bar."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from train.callbacks.base import Callback
 from train.config import LoggingConfig
-
-
-class Callback:
-    def on_resume(self, step: int) -> None:
-        """The run continues from checkpoint `step`."""
-
-    def on_log(self, step: int, metrics: dict) -> None: ...
-
-    def close(self) -> None: ...
+from train.secrets import redact
 
 
 class MetricsJsonl(Callback):
@@ -44,8 +37,6 @@ class Wandb(Callback):
                 f"logging.wandb.mode={cfg.wandb.mode} needs the wandb package: `pip install wandb`, "
                 "or set logging.wandb.mode=disabled"
             ) from e
-
-        from train.secrets import redact
 
         id_file = run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]

@@ -1,0 +1,111 @@
+"""The collective checkpoint save and load of a training job (every rank calls them together).
+
+A save writes into `.tmp-TAG/` (rank 0: full weights, meta, bill of materials; every rank: its RNG state and its
+DeepSpeed files), each rank fsyncs and hashes the files it wrote, and rank 0 commits (train.checkpoint.layout).
+Every torch.load of a checkpoint file, DeepSpeed's included, runs with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.shards import MANIFEST
+from train.checkpoint.layout import (
+    TMP_PREFIX,
+    UNIVERSAL,
+    FileOp,
+    _no_op,
+    clear_interrupted,
+    commit,
+    sha256_of,
+    tag_for,
+)
+from train.checkpoint.rng import rng_state, set_rng_state
+from train.checkpoint.universal import ensure_universal
+from train.engine.deepspeed_compat import count_checkpoint_writes, fix_zero3_universal_load, weights_only_loading
+from train.engine.expert_parallel import has_expert_params, load_local_experts
+
+
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict,
+    meta: dict,
+    full_weights: dict | None,
+    keep_last: int = 0,
+    keep_every: int = 0,
+    file_op: FileOp | None = None,
+) -> None:
+    """Collective, crash-safe save, then retention. `file_op` (rank 0) is called before each file operation."""
+    from safetensors.torch import save_file
+
+    tag = tag_for(step)
+    tmp = ckpt_dir / (TMP_PREFIX + tag)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ops = (file_op or _no_op) if rank == 0 else _no_op
+    written: list[Path] = []  # this rank's files, which it fsyncs itself (on NFS only the writer's fsync counts)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        clear_interrupted(ckpt_dir, ops)
+        ops(f"mkdir {tmp.name}")
+        tmp.mkdir()
+        ops("model.safetensors")
+        save_file(full_weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        ops("meta.json")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        written += [tmp / "model.safetensors", tmp / "meta.json"]
+        # The bill of materials travels with the weights, so a checkpoint alone shows what it was trained on.
+        bom = Path(meta["data_path"]) / MANIFEST if meta.get("data_path") else None
+        if bom is not None and bom.is_file():
+            ops("bom.json")
+            shutil.copyfile(bom, tmp / "bom.json")
+            written.append(tmp / "bom.json")
+    dist.barrier()
+    ops(f"rng_rank{rank}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    written.append(tmp / f"rng_rank{rank}.pt")
+    with count_checkpoint_writes(engine, lambda path: ops(path.name)) as ds_files:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+    written += ds_files
+    dist.barrier()
+    # Every rank fsyncs and hashes the files it wrote (in parallel; no rank lists a directory others write into).
+    shares: list = [None] * world
+    dist.all_gather_object(shares, {str(p.relative_to(tmp)): sha256_of(p, sync=True) for p in written})
+    if rank == 0:
+        files = {name: info for share in shares for name, info in share.items()}
+        commit(ckpt_dir, tmp, tag, step, files, keep_last, keep_every, ops)
+    dist.barrier()
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict:
+    """Restore model, optimizer, LR schedule and this rank's RNG; return the client state.
+
+    An engine built with `load_universal` (the world size or ZeRO stage changed since the save) reads DeepSpeed's
+    universal checkpoint, which reshards parameters and optimizer states to this job's layout.
+    """
+    tag_dir = ckpt_dir / tag
+    load_dir, load_tag = ckpt_dir, tag
+    if engine.load_universal_checkpoint():
+        ensure_universal(tag_dir)
+        load_dir, load_tag = tag_dir, UNIVERSAL
+    with weights_only_loading(tag_dir):
+        path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        if engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights():
+            fix_zero3_universal_load(engine, tag_dir / UNIVERSAL / "zero")
+        if has_expert_params(engine.module):
+            load_local_experts(engine.module, str(tag_dir / "model.safetensors"))
+        # A rank that did not exist at save time (more ranks now) keeps its seeded RNG; training draws none on CPU.
+        rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state

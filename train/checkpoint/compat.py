@@ -1,0 +1,80 @@
+"""Whether a checkpoint can be resumed by this run: same model (architecture), tokenizer and expert layout, and
+whether its ZeRO partitions must be resharded through DeepSpeed's universal format."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from model.config import ExecutionConfig, ModelConfig
+
+
+def model_meta(model: ModelConfig, tokenizer_sha256: str, execution: ExecutionConfig | None = None, **extra) -> dict:
+    """What a checkpoint's meta.json records about the model (`model` is the architecture alone)."""
+    meta = {"model": asdict(model), "tokenizer_sha256": tokenizer_sha256, **extra}
+    if execution is not None:
+        meta["execution"] = asdict(execution)
+    return meta
+
+
+def check_compatible(meta: dict, model: ModelConfig, tokenizer_sha256: str, where: Path, ep_size: int = 1) -> None:
+    """Refuse to resume a checkpoint of another model, tokenizer or expert-parallel degree, naming each difference.
+
+    Compatible means equal architecture (`ModelConfig` equality; its `name` is a label and not compared).
+    Checkpoints written before a field existed hold its default; older ones also hold execution keys, ignored here.
+    """
+    saved = ModelConfig.from_dict(meta["model"])
+    if saved != model:
+        ours, theirs = _flat(asdict(model)), _flat(asdict(saved))
+        diffs = [f"model.{k}: checkpoint {theirs.get(k)!r}, config {ours.get(k)!r}"
+                 for k in sorted(ours) if k != "name" and ours.get(k) != theirs.get(k)]  # fmt: skip
+        raise ValueError(
+            f"cannot resume from {where}: it holds a model of another shape ({'; '.join(diffs)}). "
+            "Use the model config it was trained with, or a new run.dir"
+        )
+    saved_ep = saved_ep_size(meta)
+    if saved_ep != ep_size:
+        raise ValueError(
+            f"cannot resume from {where} with parallel.ep_size={ep_size}: it was saved with ep_size={saved_ep}, and "
+            "DeepSpeed's optimizer partitions of expert weights depend on it. Resume with "
+            f"parallel.ep_size={saved_ep}, or start a new run.dir from its exported weights"
+        )
+    if meta.get("tokenizer_sha256") != tokenizer_sha256:
+        raise ValueError(
+            f"cannot resume from {where}: it was trained with tokenizer sha256 {meta.get('tokenizer_sha256')}, "
+            f"but tokenizer.path now has {tokenizer_sha256}. Use the original tokenizer, or a new run.dir"
+        )
+
+
+def saved_ep_size(meta: dict) -> int:
+    """The expert-parallel degree a checkpoint was saved with (older checkpoints kept it in model.moe)."""
+    if "ep_size" in meta:
+        return int(meta["ep_size"])
+    moe = meta["model"].get("moe", {})
+    return int(moe.get("ep_size", 1)) if moe.get("enabled", False) else 1
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def needs_universal(meta: dict, world_size: int, zero_stage: int, where: Path) -> bool:
+    """Whether resuming `meta`'s checkpoint with this world size and ZeRO stage needs DeepSpeed's universal format."""
+    saved = (meta.get("world_size"), meta.get("zero_stage"))
+    if saved == (world_size, zero_stage):
+        return False
+    if saved[1] == 0 and zero_stage == 0:
+        return False  # ZeRO-0 keeps whole optimizer states, which any number of ranks loads as they are
+    if saved[1] == 0 or zero_stage == 0:
+        raise ValueError(
+            f"cannot resume {where} (ZeRO-{saved[1]}, {saved[0]} ranks) with deepspeed.zero_stage={zero_stage} on "
+            f"{world_size} ranks: resharding goes through DeepSpeed's universal checkpoint, which needs ZeRO 1-3 on "
+            f"both sides. Resume with deepspeed.zero_stage={saved[1]}"
+        )
+    return True

@@ -1,0 +1,210 @@
+"""Every place Hangang relies on DeepSpeed behaviour that is private, undocumented or buggy, in one module.
+
+Checked on DeepSpeed 0.19.8 (setup.py bounds deepspeed to >=0.19.8,<0.20). Each workaround names the upstream
+behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudly when a release changes it.
+
+| workaround                     | upstream behaviour relied on / worked around                                        |
+|--------------------------------|--------------------------------------------------------------------------------------|
+| create_expert_groups           | private `deepspeed.utils.groups._create_expert_and_data_parallel` and the group dicts |
+| expert_parallel_marker         | the engine runs its MoE paths only when the model holds a `deepspeed.moe.layer.MoE`  |
+| place_zero3_expert_param       | ZeRO-3 reads per-parameter `ds_zero_partition_process_group` (its AutoEP placement)  |
+| gate_optimizer_step            | LR schedulers wrap `optimizer.step` and mark it `_wrapped_by_lr_sched`               |
+| count_checkpoint_writes        | every file of `save_checkpoint` goes through `engine.checkpoint_engine.save`         |
+| weights_only_loading           | DeepSpeed calls `torch.load` without `weights_only`; torch honours the env override  |
+| complete_universal_folder      | `ds_to_universal` writes the model-state file under one name and no ZeRO-3 opt state |
+| fix_zero3_universal_load       | ZeRO-3's universal load gives all groups group 0's hyperparameters and one step      |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TESTED_VERSIONS = ">=0.19.8,<0.20"
+"""The DeepSpeed versions these workarounds were checked on (also setup.py's install_requires bound)."""
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+# --- expert parallelism -----------------------------------------------------------------------------------------
+
+
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert groups of this degree (`deepspeed.moe.layer.MoE.expert_group_name`)."""
+    return f"ep_size_{ep_size}"
+
+
+def create_expert_groups(ep_size: int):
+    """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups of `ep_size`; returns the
+    expert-parallel group of this rank. DeepSpeed creates them only inside its own MoE layer's constructor
+    (`set_deepspeed_parallelism`); ours are not DeepSpeed MoE layers, so we call the private function it calls."""
+    from deepspeed.utils import groups
+
+    name = expert_group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_parallel_group(name: str):
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(name: str):
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(name)
+
+
+def expert_parallel_marker(ep_size: int, n_experts: int) -> nn.Module:
+    """A parameterless child that makes DeepSpeed's engine run its MoE code paths (`has_moe_layers`).
+
+    The engine turns on expert-aware gradient reduction, ZeRO 1/2 partitioning and broadcasting only when the
+    model contains a `deepspeed.moe.layer.MoE`. The real experts live in our `Experts` modules, outside this
+    marker; `num_local_experts = 0` keeps DeepSpeed from writing or reading per-expert checkpoint files of its
+    own (our expert weights go through the model-states and ZeRO files, and model.safetensors).
+    """
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # not DeepSpeedMoE.__init__: no gate, no experts of its own
+            self.ep_size, self.num_experts, self.num_local_experts = ep_size, n_experts, 0
+            self.expert_group_name = expert_group_name(ep_size)
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # create_expert_groups made the groups before the model was built
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelMarker only marks the model for DeepSpeed; it is never called")
+
+    return ExpertParallelMarker()
+
+
+def place_zero3_expert_param(p: nn.Parameter, name: str) -> None:
+    """ZeRO-3 partitions a parameter over `ds_zero_partition_process_group` when it has one, and averages the
+    gradients of the "autoep_expert" family over all data-parallel ranks while reducing them only within that group:
+    the placement DeepSpeed gives its own AutoEP experts."""
+    p.ds_zero_partition_process_group = expert_data_parallel_group(name)
+    p.ds_zero_placement_family = "autoep_expert"
+    p.ds_zero_partition_group_name = name
+
+
+# --- optimizer step ---------------------------------------------------------------------------------------------
+
+
+def gate_optimizer_step(optimizer: torch.optim.Optimizer, step: Callable) -> Callable:
+    """Replace the base optimizer's `step` (an instance attribute, which DeepSpeed calls as `self.optimizer.step()`)
+    with `step`; returns the original. torch's LR schedulers wrap `optimizer.step` once and mark the wrapper
+    `_wrapped_by_lr_sched`; marking ours keeps them from wrapping (and warning about) it again."""
+    inner = optimizer.step
+    step._wrapped_by_lr_sched = True
+    optimizer.step = step
+    return inner
+
+
+# --- checkpoint files -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def count_checkpoint_writes(engine, before_write: Callable[[Path], None]) -> Iterator[list[Path]]:
+    """Within the block, call `before_write(path)` before each file DeepSpeed's `save_checkpoint` writes, and
+    collect the paths (yielded list). DeepSpeed writes every checkpoint file through `engine.checkpoint_engine.save`
+    (TorchCheckpointEngine) and has no hook for it."""
+    written: list[Path] = []
+    ds_save = engine.checkpoint_engine.save
+
+    def counted_save(state_dict, path):
+        before_write(Path(path))
+        ds_save(state_dict, path)
+        written.append(Path(path))
+
+    engine.checkpoint_engine.save = counted_save
+    try:
+        yield written
+    finally:
+        engine.checkpoint_engine.save = ds_save
+
+
+def _allow_deepspeed_globals() -> None:
+    """DeepSpeed pickles a few plain-data classes of its own into optimizer states; weights_only loading may build
+    these (and nothing else that is not a tensor or a plain Python value)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
+@contextlib.contextmanager
+def weights_only_loading(where: Path):
+    """Every torch.load inside, DeepSpeed's own included, runs with weights_only=True: a checkpoint file that needs
+    code to unpickle is refused (an error naming `where`), never executed. DeepSpeed's loaders take no
+    `weights_only` argument, so this sets torch's process-wide override for the duration of the block."""
+    _allow_deepspeed_globals()
+    old = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(
+            f"refused to load checkpoint {where}: one of its files needs arbitrary code to unpickle ({detail}). "
+            "Checkpoints written by this framework never do, so the file was replaced or comes from elsewhere: "
+            "resume from a checkpoint you trust, or start a new run.dir"
+        ) from None
+    finally:
+        if old is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = old
+
+
+# --- universal checkpoints --------------------------------------------------------------------------------------
+
+
+def complete_universal_folder(folder: Path) -> None:
+    """Make a fresh `ds_to_universal` output loadable by every ZeRO stage.
+
+    DeepSpeed looks for the model-state file under a ZeRO-3 name (zero_pp_rank_0_...) or another (mp_rank_...)
+    depending on the stage that reads it: hold both. ZeRO-3 reads the optimizer step and hyperparameters from
+    `optimizer_state_dict` in zero/optimizer_state.pt, which a conversion from ZeRO-1/2 does not write: add it (the
+    step is the same for every parameter)."""
+    for src in list(folder.glob("*mp_rank_*_model_states.pt")):
+        mp = src.name.split("mp_rank_", 1)[1]
+        for name in (f"mp_rank_{mp}", f"zero_pp_rank_0_mp_rank_{mp}"):
+            if not (folder / name).exists():
+                shutil.copyfile(src, folder / name)
+    zero_dir = folder / "zero"
+    state_file = zero_dir / "optimizer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    if "optimizer_state_dict" in state:
+        return
+    step = torch.load(next(zero_dir.glob("*/step.pt")), weights_only=True)
+    state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    torch.save(state, state_file)
+
+
+def fix_zero3_universal_load(engine, zero_dir: Path) -> None:
+    """Undo two shortcuts of ZeRO-3's universal loader: it gives every parameter group the first group's
+    hyperparameters (ours differ: no weight decay on norms and biases), and one shared `step` tensor to every
+    parameter, which AdamW then increments once per group and step (wrong bias correction)."""
+    saved = torch.load(zero_dir / "optimizer_state.pt", weights_only=True)["param_groups"]
+    base = engine.optimizer.optimizer
+    if len(saved) != len(base.param_groups):
+        raise ValueError(f"{zero_dir}: {len(saved)} optimizer parameter groups saved, {len(base.param_groups)} now")
+    for group, kept in zip(base.param_groups, saved, strict=True):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -1,0 +1,62 @@
+"""The training objective: the model's typed output -> the loss to differentiate, and the step's loss figures.
+
+total = CE + lambda(progress) * mean MTP loss + alpha * sum of the MoE layers' balance losses (DeepSeek-V3), with
+lambda on the `train.mtp` schedule and alpha from `train.moe`. The parts are accumulated as tensors and read back
+once per step, after one all-reduce (no host sync per micro-batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.output import ModelOutput
+from train.config import BalanceConfig, MTPWeightConfig
+from train.engine.distributed import all_reduce_mean, all_reduce_sum_tensor
+
+
+class Objective:
+    def __init__(self, balance: BalanceConfig, mtp: MTPWeightConfig, device: torch.device) -> None:
+        self.balance, self.mtp, self.device = balance, mtp, device
+        self.mtp_weight = mtp.loss_weight
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.loads: torch.Tensor | None = None
+
+    def begin(self, progress: float) -> None:
+        """A new step at `progress` = step / max_steps (completed steps)."""
+        self._reset()
+        self.mtp_weight = self.mtp.weight_at(progress)
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        # float64 and in order, as Python floats were summed before: the logged losses stay bit-identical.
+        v = value.detach().double()
+        self.sums[key] = v if key not in self.sums else self.sums[key] + v
+
+    def loss(self, out: ModelOutput) -> torch.Tensor:
+        """The micro-batch's loss to differentiate; its parts are kept for `finish`."""
+        total = out.ce_loss
+        self._add("loss", out.ce_loss)
+        if out.mtp_losses is not None:
+            mtp = out.mtp_losses.mean()
+            total = total + self.mtp_weight * mtp
+            self._add("mtp_loss", mtp)
+        alpha = self.balance.seq_alpha
+        if out.aux_losses is not None and alpha > 0:
+            aux = alpha * out.aux_losses.sum()
+            total = total + aux
+            self._add("aux_loss", aux)
+        if out.expert_loads is not None:
+            self.loads = out.expert_loads if self.loads is None else self.loads + out.expert_loads
+        self.n += 1
+        return total
+
+    def finish(self) -> tuple[float, dict[str, float], torch.Tensor | None]:
+        """After the last micro-batch: (mean CE loss, other mean loss terms, expert loads summed), all over ranks."""
+        keys = ["loss", *sorted(k for k in self.sums if k != "loss")]
+        means = all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.n, self.device)
+        loads = all_reduce_sum_tensor(self.loads) if self.loads is not None else None
+        values = dict(zip(keys, means, strict=True))
+        return values.pop("loss"), values, loads

@@ -1,0 +1,60 @@
+"""Validation during training: `val_loss` over the validation split and `val_loss/SOURCE` per source, at the start,
+every `train.eval_every` steps and at the last step."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipeline.loader import PackedSequences, iter_eval_batches
+from train.callbacks.base import Callback, StepResult
+from train.config import TrainConfig
+from train.engine.distributed import all_reduce_sum
+
+
+class Validator(Callback):
+    def __init__(self, cfg: TrainConfig, val_data: PackedSequences | None, val_sources: dict[str, PackedSequences]):
+        self.cfg, self.val_data, self.val_sources = cfg, val_data, val_sources
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        return bool(every) and (step % every == 0 or step == self.cfg.max_steps)
+
+    def pre_train(self) -> None:
+        if self.cfg.eval_every and self.trainer.step == 0:
+            val = self.evaluate()
+            self.first = self.last = val.get("val_loss")
+            if val:
+                self.trainer.log({**val, "tokens": 0, "elapsed_s": 0.0})
+
+    def post_step(self, result: StepResult, metrics: dict) -> None:
+        if self.due(result.step):
+            metrics.update(self.evaluate())
+            self.last = metrics.get("val_loss")
+
+    @torch.no_grad()
+    def _mean_loss(self, data: PackedSequences, sequences: int) -> float | None:
+        """Mean token loss on `sequences` validation sequences spread over `data` (always the same ones)."""
+        d, engine = self.trainer.d, self.trainer.engine
+        per_rank = min(len(data), sequences) // d.world_size  # equal work on every rank (ZeRO-3 collectives)
+        total, count = 0.0, 0
+        for x, y in iter_eval_batches(data, self.cfg.micro_batch_size, per_rank * d.world_size, d.rank, d.world_size):
+            loss = engine.forward(x.to(d.device), y.to(d.device)).ce_loss
+            total += loss.item() * y.numel()
+            count += y.numel()
+        total, count = all_reduce_sum([total, count], d.device)
+        return total / count if count else None
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        engine = self.trainer.engine
+        engine.eval()
+        out = {"val_loss": self._mean_loss(self.val_data, self.cfg.eval_sequences)}
+        if self.cfg.eval_per_source:
+            share = max(self.trainer.d.world_size, self.cfg.eval_sequences // max(1, len(self.val_sources)))
+            for name, data in self.val_sources.items():
+                out[f"val_loss/{name}"] = self._mean_loss(data, share)
+        engine.train()
+        return {k: v for k, v in out.items() if v is not None}
