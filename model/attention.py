@@ -17,17 +17,17 @@ from model.norm import RMSNorm
 from model.rope import apply_rotary, apply_rotary_qk
 
 FLASH_ATTN_MISSING = (
-    "model.attn_backend=flash_attn requested but flash-attn is not installed: install it with "
-    "`pip install -e .[flash]` on a CUDA machine, or set model.attn_backend=sdpa"
+    "execution.attn_backend=flash_attn requested but flash-attn is not installed: install it with "
+    "`pip install -e .[flash]` on a CUDA machine, or set execution.attn_backend=sdpa"
 )
 FLEX_CPU_BACKWARD = (
-    "model.attn_backend=flex has no backward pass on CPU (torch runs FlexAttention unfused there, forward only): "
-    "train on CUDA, or set model.attn_backend=sdpa"
+    "execution.attn_backend=flex has no backward pass on CPU (torch runs FlexAttention unfused there, forward only): "
+    "train on CUDA, or set execution.attn_backend=sdpa"
 )
 
 
 class FlashAttnUnavailableError(ImportError):
-    """model.attn_backend=flash_attn was asked for but the flash-attn package cannot be imported."""
+    """execution.attn_backend=flash_attn was asked for but the flash-attn package cannot be imported."""
 
 
 def load_flash_attn() -> Callable[..., torch.Tensor]:
@@ -154,15 +154,15 @@ class Attention(nn.Module):
     """Llama self-attention: bias-free q/k/v/o projections, RoPE on q and k, causal GQA."""
 
     _liger = None
-    """liger_kernel.transformers.functional when model.kernels=liger (fused RoPE)."""
+    """liger_kernel.transformers.functional when execution.kernels=liger (fused RoPE)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: str = "sdpa") -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.backend = cfg.attn_backend
+        self.backend = backend
         # Fail at build time, not at the first forward of a long job.
         self._flash = FlashKernels() if self.backend == "flash_attn" else None
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
@@ -195,14 +195,14 @@ class MLAttention(nn.Module):
 
     LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with its default eps, not rms_norm_eps
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, backend: str = "sdpa") -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_lora_rank = cfg.q_lora_rank
         self.scale = (self.nope + self.rope) ** -0.5
-        self.backend = cfg.attn_backend
+        self.backend = backend
         self._flash = FlashKernels() if self.backend == "flash_attn" else None
         qk = cfg.n_heads * (self.nope + self.rope)
         if cfg.q_lora_rank is None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+T = TypeVar("T")
 
 
 def _save_list() -> set:
@@ -46,12 +49,13 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def run_block(fn: Callable[..., torch.Tensor], mode: str, *args: torch.Tensor) -> torch.Tensor:
-    """fn(*args) under activation checkpointing `mode` (none | selective | full); none outside autograd."""
+def run_block(fn: Callable[..., T], mode: str, *args: object) -> T:
+    """fn(*args) under activation checkpointing `mode` (none | selective | full); none outside autograd. fn may
+    return a tensor or a tuple of tensors (and Nones)."""
     if mode == "none" or not torch.is_grad_enabled():
         return fn(*args)
     if mode == "full":
         return checkpoint(fn, *args, use_reentrant=False)
     if mode == "selective":
         return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_context)
-    raise ValueError(f"model.activation_checkpointing={mode!r}: choose none, selective or full")
+    raise ValueError(f"execution.activation_checkpointing={mode!r}: choose none, selective or full")

@@ -1,4 +1,5 @@
-"""Typed configuration of a decoder model (the `model/` Hydra group)."""
+"""Typed configuration of a decoder: its architecture (`ModelConfig`, the `model/` Hydra group) and how it runs
+(`ExecutionConfig`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 LOSS_IMPLS = ("torch", "chunked", "liger")
 KERNELS = ("torch", "liger")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+
+MOVED_KEYS = {
+    "attn_backend": "execution.attn_backend",
+    "loss_impl": "execution.loss_impl",
+    "loss_chunk_size": "execution.loss_chunk_size",
+    "kernels": "execution.kernels",
+    "activation_checkpointing": "execution.activation_checkpointing",
+    "moe.expert_impl": "execution.expert_impl",
+    "moe.ep_size": "train.ep_size",
+    "moe.balance": "train.moe.balance",
+    "moe.gamma": "train.moe.gamma",
+    "moe.gamma_until": "train.moe.gamma_until",
+    "moe.seq_aux_alpha": "train.moe.seq_aux_alpha",
+    "moe.aux_loss_alpha": "train.moe.aux_loss_alpha",
+    "mtp.loss_weight": "train.mtp.loss_weight",
+    "mtp.loss_weight_final": "train.mtp.loss_weight_final",
+    "mtp.weight_switch": "train.mtp.weight_switch",
+}
+"""Keys older versions kept in the model config (checkpoint meta, YAML) -> where they live now."""
 
 
 @dataclass
@@ -33,28 +53,9 @@ class MoEConfig:
     topk_group: int = 1
     route_scale: float = 1.0
     """Gates (normalised over the selected experts) are multiplied by this (HF `routed_scaling_factor`)."""
-    balance: str = "aux_free"
-    """aux_free: per-expert selection bias moved by `gamma` after each step, plus a sequence-wise loss with
-    `seq_aux_alpha` | aux_loss: no bias; sequence-wise balance loss with `aux_loss_alpha` (DeepSeek-V2 style)."""
-    gamma: float = 1e-3
-    """Bias update speed (DeepSeek-V3: 0.001)."""
-    gamma_until: float = 1.0
-    """Schedule of gamma: gamma until this fraction of train.max_steps, then 0 (DeepSeek-V3 froze it for the last
-    ~3% of tokens: 14.3T of 14.8T)."""
-    seq_aux_alpha: float = 1e-4
-    """Weight of the complementary sequence-wise balance loss in aux_free mode (DeepSeek-V3: 0.0001)."""
-    aux_loss_alpha: float = 1e-2
-    """Weight of the sequence-wise balance loss in aux_loss mode."""
-    ep_size: int = 1
-    """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
-    expert_impl: str = "auto"
-    """Routed-expert matmuls: grouped_mm (one torch._grouped_mm per projection, no host sync), loop (one matmul
-    pair per expert), or auto (grouped_mm on CPU and on CUDA in bf16, where PyTorch has the kernel; else loop)."""
 
     def __post_init__(self) -> None:
-        if self.balance not in BALANCES:
-            raise ValueError(f"model.moe.balance={self.balance!r}: choose one of {BALANCES}")
-        for key in ("n_routed_experts", "top_k", "ffn_hidden", "n_group", "topk_group", "ep_size"):
+        for key in ("n_routed_experts", "top_k", "ffn_hidden", "n_group", "topk_group"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.moe.{key} must be positive, got {getattr(self, key)}")
         if self.n_shared_experts < 0 or self.first_k_dense < 0:
@@ -67,20 +68,6 @@ class MoEConfig:
             raise ValueError(f"model.moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.top_k > self.topk_group * (self.n_routed_experts // self.n_group):
             raise ValueError(f"model.moe.top_k={self.top_k} exceeds the experts of {self.topk_group} groups")
-        if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"model.moe.expert_impl={self.expert_impl!r}: choose one of {EXPERT_IMPLS}")
-        if self.n_routed_experts % self.ep_size:
-            raise ValueError(f"model.moe.ep_size={self.ep_size} must divide n_routed_experts={self.n_routed_experts}")
-
-    def gamma_at(self, progress: float) -> float:
-        """Bias update speed at `progress` = step / max_steps (0 in aux_loss mode)."""
-        if self.balance != "aux_free":
-            return 0.0
-        return self.gamma if progress < self.gamma_until else 0.0
-
-    @property
-    def seq_alpha(self) -> float:
-        return self.seq_aux_alpha if self.balance == "aux_free" else self.aux_loss_alpha
 
 
 @dataclass
@@ -89,26 +76,18 @@ class MTPConfig:
 
     depth: int = 0
     """0 disables MTP; D > 0 predicts D extra future tokens during training (never used at inference)."""
-    loss_weight: float = 0.3
-    """lambda: weight of the mean MTP loss until `weight_switch` of training (DeepSeek-V3: 0.3)."""
-    loss_weight_final: float = 0.1
-    """lambda after `weight_switch` (DeepSeek-V3: 0.1 for the last 4.8T of 14.8T tokens)."""
-    weight_switch: float = 0.7
-    """Fraction of train.max_steps at which lambda switches to `loss_weight_final`."""
 
     def __post_init__(self) -> None:
         if self.depth < 0:
             raise ValueError(f"model.mtp.depth must be >= 0, got {self.depth}")
 
-    def weight_at(self, progress: float) -> float:
-        return self.loss_weight if progress < self.weight_switch else self.loss_weight_final
-
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of a Llama-style dense decoder."""
+    """Architecture of the decoder: what the weights mean. Two configs are compatible (a checkpoint resumes under
+    another) exactly when they are equal; `name` is a label and takes no part in equality."""
 
-    name: str = "tiny"
+    name: str = field(default="tiny", compare=False)
     """Registry name, recorded in checkpoints and exports."""
     vocab_size: int = 0
     """Embedding rows; 0 takes the tokenizer's vocabulary size at build time."""
@@ -126,9 +105,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
-    attn_backend: str = "sdpa"
-    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU), flex (torch FlexAttention; compiled on
-    CUDA, forward-only on CPU) or eager (reference)."""
     doc_masking: bool = False
     """Packed sequences: no attention across documents; a position right after an `eos_id` token starts a new
     document (DeepSeek-V3 packs without it, Llama 3 with it)."""
@@ -149,17 +125,6 @@ class ModelConfig:
     """MLA: decoupled RoPE dims (one RoPE key shared by all heads)."""
     v_head_dim: int = 32
     """MLA: per-head value dims."""
-    loss_impl: str = "torch"
-    """Output head + cross-entropy: torch (full (B*T, V) fp32 logits) | chunked (pure PyTorch, `loss_chunk_size`
-    rows of logits at a time, recomputed in backward) | liger (liger-kernel's fused Triton kernel; CUDA only)."""
-    loss_chunk_size: int = 4096
-    """Rows (tokens) per logits chunk for loss_impl=chunked: one (chunk, V) fp32 block is the peak extra memory."""
-    kernels: str = "torch"
-    """RMSNorm, SwiGLU (dense and experts) and GQA RoPE: torch (reference) | liger (liger-kernel Triton kernels;
-    CUDA only)."""
-    activation_checkpointing: str = "none"
-    """none | selective (keep matmul and attention outputs, recompute norms, RoPE and activations in backward) |
-    full (keep only each block's input; recompute the whole block)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
 
@@ -179,17 +144,6 @@ class ModelConfig:
                 raise ValueError("model.qk_rope_head_dim must be even for RoPE")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 raise ValueError("model.q_lora_rank must be positive or null")
-        for key, allowed in (
-            ("loss_impl", LOSS_IMPLS),
-            ("kernels", KERNELS),
-            ("activation_checkpointing", ACTIVATION_CHECKPOINTING),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
-        if self.loss_chunk_size <= 0:
-            raise ValueError(f"model.loss_chunk_size must be positive, got {self.loss_chunk_size}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"model.attn_backend={self.attn_backend!r}: choose one of {ATTN_BACKENDS}")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -199,12 +153,6 @@ class ModelConfig:
         for key in ("n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "d_model"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
-        if self.attention == "mla" and self.attn_backend == "flash_attn":
-            if self.v_head_dim > self.qk_nope_head_dim + self.qk_rope_head_dim:
-                raise ValueError(
-                    "model.attn_backend=flash_attn needs model.v_head_dim <= qk_nope_head_dim + qk_rope_head_dim "
-                    "(v is zero-padded to the qk head dim); use model.attn_backend=flex or sdpa"
-                )
         if self.doc_position_reset and not self.doc_masking:
             raise ValueError("model.doc_position_reset=true needs model.doc_masking=true (documents come from it)")
         if self.eos_id < -1:
@@ -226,9 +174,67 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """Rebuild from `asdict(cfg)` (checkpoint meta); keys added after the checkpoint was written take defaults."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        """Rebuild from `asdict(cfg)` (checkpoint meta); keys added after the checkpoint was written take defaults,
+        keys that moved out of the model config (`MOVED_KEYS`, written by older versions) are dropped."""
+        d = {k: v for k, v in d.items() if k not in MOVED_KEYS}
+        for sub, sub_cls in (("moe", MoEConfig), ("mtp", MTPConfig)):
+            if isinstance(d.get(sub), dict):
+                d[sub] = {k: v for k, v in d[sub].items() if f"{sub}.{k}" not in MOVED_KEYS}
+                unknown = set(d[sub]) - {f.name for f in fields(sub_cls)}
+                if unknown:
+                    raise ValueError(f"unknown model.{sub} config keys {sorted(unknown)}")
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(**d)
+
+
+@dataclass
+class ExecutionConfig:
+    """How the model runs: kernels, memory trade-offs and compilation. Never changes what the weights mean, so it
+    may differ between a run and its resume."""
+
+    attn_backend: str = "sdpa"
+    """sdpa (default), flash_attn (needs the flash-attn package and a CUDA GPU), flex (torch FlexAttention; compiled on
+    CUDA, forward-only on CPU) or eager (reference)."""
+    loss_impl: str = "torch"
+    """Output head + cross-entropy: torch (full (B*T, V) fp32 logits) | chunked (pure PyTorch, `loss_chunk_size`
+    rows of logits at a time, recomputed in backward) | liger (liger-kernel's fused Triton kernel; CUDA only)."""
+    loss_chunk_size: int = 4096
+    """Rows (tokens) per logits chunk for loss_impl=chunked: one (chunk, V) fp32 block is the peak extra memory."""
+    kernels: str = "torch"
+    """RMSNorm, SwiGLU (dense and experts) and GQA RoPE: torch (reference) | liger (liger-kernel Triton kernels;
+    CUDA only)."""
+    activation_checkpointing: str = "none"
+    """none | selective (keep matmul and attention outputs, recompute norms, RoPE and activations in backward) |
+    full (keep only each block's input; recompute the whole block)."""
+    expert_impl: str = "auto"
+    """Routed-expert matmuls: grouped_mm (one torch._grouped_mm per projection, no host sync), loop (one matmul
+    pair per expert), or auto (grouped_mm on CPU and on CUDA in bf16, where PyTorch has the kernel; else loop)."""
+    compile: bool = False
+    """torch.compile each decoder block (not the whole model); parameter names and checkpoints are unchanged."""
+    fp8: bool = False
+    """FP8 matmuls in the blocks through torchao float8 training (Hopper GPUs; needs torchao)."""
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("attn_backend", ATTN_BACKENDS),
+            ("loss_impl", LOSS_IMPLS),
+            ("kernels", KERNELS),
+            ("activation_checkpointing", ACTIVATION_CHECKPOINTING),
+            ("expert_impl", EXPERT_IMPLS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"execution.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        if self.loss_chunk_size <= 0:
+            raise ValueError(f"execution.loss_chunk_size must be positive, got {self.loss_chunk_size}")
+
+
+def check_execution(model: ModelConfig, execution: ExecutionConfig) -> None:
+    """Refuse execution options the architecture cannot run with."""
+    if model.attention == "mla" and execution.attn_backend == "flash_attn":
+        if model.v_head_dim > model.qk_nope_head_dim + model.qk_rope_head_dim:
+            raise ValueError(
+                "execution.attn_backend=flash_attn needs model.v_head_dim <= qk_nope_head_dim + qk_rope_head_dim "
+                "(v is zero-padded to the qk head dim); use execution.attn_backend=flex or sdpa"
+            )

@@ -20,7 +20,7 @@ def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
     from model.norm import RMSNorm
 
     if kernels not in KERNELS:
-        raise ValueError(f"model.kernels={kernels!r}: choose one of {KERNELS}")
+        raise ValueError(f"execution.kernels={kernels!r}: choose one of {KERNELS}")
     lf = load_liger("kernels") if kernels == "liger" else None
     for module in model.modules():
         if isinstance(module, (RMSNorm, MLP, Experts, Attention)):

@@ -11,13 +11,13 @@ from model.config import LOSS_IMPLS
 
 IGNORE_INDEX = -100
 LIGER_MISSING = (
-    "model.{key}=liger requested but liger-kernel is not importable: install it with `pip install liger-kernel` "
-    "on a CUDA machine (it needs triton), or set model.{key}=torch"
+    "execution.{key}=liger requested but liger-kernel is not importable: install it with `pip install liger-kernel` "
+    "on a CUDA machine (it needs triton), or set execution.{key}=torch"
 )
 
 
 class LigerUnavailableError(ImportError):
-    """model.loss_impl=liger or model.kernels=liger was asked for but liger_kernel cannot be imported."""
+    """execution.loss_impl=liger or execution.kernels=liger was asked for but liger_kernel cannot be imported."""
 
 
 def load_liger(key: str):
@@ -95,7 +95,7 @@ class LMHead(nn.Linear):
     def __init__(self, d_model: int, vocab_size: int, impl: str = "torch", chunk_size: int = 4096) -> None:
         super().__init__(d_model, vocab_size, bias=False)
         if impl not in LOSS_IMPLS:
-            raise ValueError(f"model.loss_impl={impl!r}: choose one of {LOSS_IMPLS}")
+            raise ValueError(f"execution.loss_impl={impl!r}: choose one of {LOSS_IMPLS}")
         self.impl, self.chunk_size = impl, chunk_size
         self._liger = load_liger("loss_impl") if impl == "liger" else None
 

@@ -96,7 +96,7 @@ class Experts(nn.Module):
     """
 
     _liger = None
-    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+    """liger_kernel.transformers.functional when execution.kernels=liger (fused silu(gate) * up)."""
 
     def __init__(
         self, n_experts: int, d_model: int, hidden: int, impl: str = "auto", dispatcher: ExpertDispatcher | None = None
@@ -112,8 +112,8 @@ class Experts(nn.Module):
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
             raise RuntimeError(
-                f"model.moe.expert_impl=grouped_mm needs torch._grouped_mm (PyTorch 2.8 or newer; this is "
-                f"{torch.__version__}): upgrade PyTorch or set model.moe.expert_impl=loop"
+                f"execution.expert_impl=grouped_mm needs torch._grouped_mm (PyTorch 2.8 or newer; this is "
+                f"{torch.__version__}): upgrade PyTorch or set execution.expert_impl=loop"
             )
         if self.impl != "auto":
             return self.impl == "grouped_mm"
@@ -191,7 +191,7 @@ class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
 
     _liger = None
-    """liger_kernel.transformers.functional when model.kernels=liger (fused silu(gate) * up)."""
+    """liger_kernel.transformers.functional when execution.kernels=liger (fused silu(gate) * up)."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
@@ -204,23 +204,24 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts (always on) + routed experts. Forward records `last_load` (E,) and `last_aux` (scalar).
+    """Shared experts (always on) + routed experts.
 
-    The router, its bias and `last_load` always cover all E experts (every rank routes over the global set); only
-    the routed experts' weights are sharded when `dispatcher.ep_size > 1`.
+    The router, its bias and the returned load always cover all E experts (every rank routes over the global set);
+    only the routed experts' weights are sharded when `dispatcher.ep_size > 1`.
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: ExpertDispatcher | None = None) -> None:
+    def __init__(
+        self, d_model: int, cfg: MoEConfig, dispatcher: ExpertDispatcher | None = None, expert_impl: str = "auto"
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.gate = Router(d_model, cfg)
-        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, cfg.expert_impl, dispatcher)
+        self.experts = Experts(cfg.n_routed_experts, d_model, cfg.ffn_hidden, expert_impl, dispatcher)
         self.shared_experts = MLP(d_model, cfg.ffn_hidden * cfg.n_shared_experts) if cfg.n_shared_experts else None
-        self.last_load: torch.Tensor | None = None
-        self.last_aux: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, T, d) -> y (B, T, d), load (E,) float routed-token counts, and in training mode the unweighted
+        sequence-wise balance loss (scalar; None in evaluation)."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         scores, idx, gates = self.gate(flat)
@@ -228,11 +229,8 @@ class MoE(nn.Module):
         y = self.experts(flat, idx, gates, counts).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        self.last_load = counts.float()
-        self.last_aux = None
-        if self.training and self.cfg.seq_alpha > 0:
-            self.last_aux = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
-        return y
+        aux = sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1)) if self.training else None
+        return y, counts.float(), aux
 
 
 def max_violation(loads: torch.Tensor) -> float:

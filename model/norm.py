@@ -10,7 +10,7 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalised in fp32 then cast back before the weight (as HF LlamaRMSNorm)."""
 
     _liger = None
-    """liger_kernel.transformers.functional when model.kernels=liger (set by model.kernels.use_kernels)."""
+    """liger_kernel.transformers.functional when execution.kernels=liger (set by model.kernels.use_kernels)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -10,43 +10,59 @@ from torch import nn
 
 from model.attention import Attention, MLAttention
 from model.checkpointing import run_block
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig, check_execution
 from model.kernels import use_kernels
 from model.loss import LMHead
 from model.masking import AttnMask, build_attn_mask, document_ids, document_positions
 from model.moe import MLP, ExpertDispatcher, Experts, MoE, Router
 from model.norm import RMSNorm
+from model.output import ModelOutput
 from model.rope import RotaryEmbedding
 
-__all__ = ["MLP", "Block", "RMSNorm", "Transformer", "num_params"]
+__all__ = ["MLP", "Block", "ModelOutput", "RMSNorm", "Transformer", "num_params"]
+
+BlockOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+"""Hidden states (B, T, d), then the MoE layer's expert load (E,) and balance loss (scalar), None where absent."""
 
 
 class Block(nn.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)); mlp is MoE from moe.first_k_dense on."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, dispatcher: ExpertDispatcher | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int = 0,
+        dispatcher: ExpertDispatcher | None = None,
+        execution: ExecutionConfig | None = None,
+    ) -> None:
         super().__init__()
+        execution = execution or ExecutionConfig()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        attn = MLAttention if cfg.attention == "mla" else Attention
+        self.self_attn = attn(cfg, execution.attn_backend)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.is_moe_layer(layer_idx):
-            self.mlp = MoE(cfg.d_model, cfg.moe, dispatcher)
+            self.mlp = MoE(cfg.d_model, cfg.moe, dispatcher, execution.expert_impl)
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.activation_checkpointing = execution.activation_checkpointing
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
-    ) -> torch.Tensor:
+    ) -> BlockOutput:
+        """x (B, T, d) -> (x', load, aux): see `BlockOutput`."""
         # Checkpointing inside forward, so `block.compile()` compiles the checkpointed region (torchtitan's order).
         mode = self.activation_checkpointing if self.training else "none"
         return run_block(self._forward, mode, x, cos, sin, mask)
 
     def _forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
-    ) -> torch.Tensor:
+    ) -> BlockOutput:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, MoE):
+            y, load, aux = self.mlp(self.post_attention_layernorm(x))
+            return x + y, load, aux
+        return x + self.mlp(self.post_attention_layernorm(x)), None, None
 
 
 class MTPModule(nn.Module):
@@ -55,58 +71,65 @@ class MTPModule(nn.Module):
     The embedding and the output head are the main model's; `norm` is this depth's own final norm.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dispatcher: ExpertDispatcher | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        dispatcher: ExpertDispatcher | None = None,
+        execution: ExecutionConfig | None = None,
+    ) -> None:
         super().__init__()
         self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-        self.block = Block(cfg, layer_idx, dispatcher)
+        self.block = Block(cfg, layer_idx, dispatcher, execution)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(
         self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
-    ) -> torch.Tensor:
-        """h, emb (B, T', d) -> next hidden states (B, T', d)."""
+    ) -> BlockOutput:
+        """h, emb (B, T', d) -> (next hidden states (B, T', d), load, aux) of the block: see `BlockOutput`."""
         return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin, mask)
 
 
 class Transformer(nn.Module):
     """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head` (and `mtp`).
 
-    `dispatcher` (expert parallelism, injected by train/) makes every MoE layer hold only this rank's share of the
-    routed experts; without one the model holds all experts whatever `cfg.moe.ep_size` says (evaluation, export).
+    `execution` picks the kernels, the loss implementation and activation checkpointing (default: the pure-PyTorch
+    reference; compile and fp8 are applied by train.optimize). `dispatcher` (expert parallelism, injected by train/)
+    alone decides expert sharding: every MoE layer holds only this rank's share of the routed experts; without one
+    the model holds all experts (evaluation, export).
     """
 
-    def __init__(self, cfg: ModelConfig, dispatcher: ExpertDispatcher | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, execution: ExecutionConfig | None = None, dispatcher: ExpertDispatcher | None = None
+    ) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError(
                 f"model.vocab_size={cfg.vocab_size}: set it (e.g. from the tokenizer) before building the model"
             )
-        if dispatcher is not None and dispatcher.ep_size != cfg.moe.ep_size:
-            raise ValueError(f"dispatcher.ep_size={dispatcher.ep_size} != model.moe.ep_size={cfg.moe.ep_size}")
+        execution = execution or ExecutionConfig()
+        check_execution(cfg, execution)
         if cfg.doc_masking and not 0 <= cfg.eos_id < cfg.vocab_size:
             raise ValueError(
                 f"model.doc_masking=true needs model.eos_id, the document separator, in [0, {cfg.vocab_size}); got "
                 f"{cfg.eos_id}: set it, or build through train.pretrain which takes it from the tokenizer"
             )
-        self.cfg = cfg
+        self.cfg, self.execution = cfg, execution
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i, dispatcher) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, dispatcher, execution) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, cfg.loss_impl, cfg.loss_chunk_size)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, execution.loss_impl, execution.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.mtp.depth:
-            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, dispatcher) for k in range(cfg.mtp.depth))
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg, cfg.n_layers + k, dispatcher, execution) for k in range(cfg.mtp.depth)
+            )
         self.rotary_emb = RotaryEmbedding(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.mtp_weight = cfg.mtp.loss_weight
-        """lambda of the MTP loss; the trainer sets it from `cfg.mtp.weight_at(progress)` before each step."""
-        self.last_stats: dict[str, torch.Tensor] = {}
-        """Detached statistics of the last forward with labels (MoE / MTP models only): ce_loss, aux_loss,
-        mtp_loss, moe_loads (n_moe_layers, E) routed-token counts."""
         self.init_weights()
-        use_kernels(self, cfg.kernels)
+        use_kernels(self, execution.kernels)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -134,68 +157,63 @@ class Transformer(nn.Module):
                 module.e_score_correction_bias.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        """MoE modules in a fixed order (decoder layers, then MTP blocks): the rows of `moe_loads`."""
+        """MoE modules in a fixed order (decoder layers, then MTP blocks): the rows of `expert_loads` and
+        `aux_losses` in `ModelOutput`."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    @torch.no_grad()
-    def update_balance(self, loads: torch.Tensor, gamma: float) -> None:
-        """Move every MoE layer's selection bias toward balance; loads (n_moe_layers, E) must be identical on every
-        data-parallel rank (all-reduced) so the biases stay identical."""
-        for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.gate.update_bias(load, gamma)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V); with labels (B, T), already shifted so labels[:, t] is the
-        target of position t, the fp32 mean cross-entropy over positions where labels != -100 instead.
-
-        MoE / MTP models in training mode return the total loss: CE + balance loss (alpha already applied) +
-        mtp_weight * mean MTP loss; `last_stats` holds the parts."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (B, T) -> `ModelOutput`: logits (B, T, V); with labels (B, T), already shifted so labels[:, t]
+        is the target of position t, ce_loss (the fp32 mean over labels != -100) instead, plus in training mode the
+        MTP losses. MoE models also return expert loads, and in training mode the balance losses."""
         T = input_ids.size(1)
+        backend = self.execution.attn_backend
         doc_ids = document_ids(input_ids, self.cfg.eos_id) if self.cfg.doc_masking else None  # (B, T)
         if self.cfg.doc_position_reset:
             cos, sin = self.rotary_emb.at(document_positions(doc_ids))  # (B, 1, T, rope_dim) each
         else:
             cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         # Built once here, shared by every layer (flash_attn's boundaries cost one host sync).
-        mask = build_attn_mask(self.cfg.attn_backend, doc_ids, T, input_ids.device)
+        mask = build_attn_mask(backend, doc_ids, T, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, d)
+        loads: list[torch.Tensor] = []
+        auxes: list[torch.Tensor] = []
+
+        def run(block: nn.Module, *args: object) -> torch.Tensor:
+            h, load, aux = block(*args)
+            if load is not None:
+                loads.append(load)
+            if aux is not None:
+                auxes.append(aux)
+            return h
+
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = run(layer, x, cos, sin, mask)
+        logits = ce_loss = mtp_losses = None
         if labels is None:
-            return self.lm_head(self.norm(x))  # (B, T, V) logits
-        # model.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
-        loss = self.lm_head(self.norm(x), labels)
-        if not (self.training and (self.cfg.moe.enabled or self.cfg.mtp.depth)):
-            return loss  # the dense Llama path, unchanged; evaluation is next-token CE only
-        stats = {"ce_loss": loss.detach()}
-        total = loss
-        if self.cfg.mtp.depth:
-            mtp_losses = []
-            h = x
-            for k, module in enumerate(self.mtp, start=1):
-                # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
-                # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
-                mask_k = build_attn_mask(
-                    self.cfg.attn_backend, None if doc_ids is None else doc_ids[:, : T - k], T - k, input_ids.device
-                )
-                emb = self.embed_tokens(input_ids[:, k:])
-                h = module(h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
-                mtp_losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
-            mtp_loss = torch.stack(mtp_losses).mean()
-            total = total + self.mtp_weight * mtp_loss
-            stats["mtp_loss"] = mtp_loss.detach()
-        moes = self.moe_layers()
-        if moes:
-            stats["moe_loads"] = torch.stack([m.last_load for m in moes])
-            auxes = [m.last_aux for m in moes if m.last_aux is not None]
-            if auxes:
-                aux = self.cfg.moe.seq_alpha * torch.stack(auxes).sum()
-                total = total + aux
-                stats["aux_loss"] = aux.detach()
-            for m in moes:
-                m.last_aux = None
-        self.last_stats = stats
-        return total
+            logits = self.lm_head(self.norm(x))  # (B, T, V)
+        else:
+            # execution.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
+            ce_loss = self.lm_head(self.norm(x), labels)
+            if self.training and self.cfg.mtp.depth:
+                losses = []
+                h = x
+                for k, module in enumerate(self.mtp, start=1):
+                    # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
+                    # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
+                    mask_k = build_attn_mask(
+                        backend, None if doc_ids is None else doc_ids[:, : T - k], T - k, input_ids.device
+                    )
+                    emb = self.embed_tokens(input_ids[:, k:])
+                    h = run(module, h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
+                    losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
+                mtp_losses = torch.stack(losses)
+        return ModelOutput(
+            logits=logits,
+            ce_loss=ce_loss,
+            aux_losses=torch.stack(auxes) if auxes else None,
+            mtp_losses=mtp_losses,
+            expert_loads=torch.stack(loads) if loads else None,
+        )
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from model.attention import MLAttention
-from model.config import ModelConfig, MoEConfig, MTPConfig
+from model.config import ExecutionConfig, ModelConfig, MoEConfig, MTPConfig
 from model.flops import activated_params, flops_per_token
 from model.moe import MoE, Router, max_violation, sequence_balance_loss
 from model.rope import RotaryEmbedding
@@ -61,9 +61,9 @@ def naive_mla(attn: MLAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.
 @pytest.mark.parametrize("q_lora_rank", [None, 20])
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_mla_matches_naive_reference(q_lora_rank, backend):
-    cfg = ds_cfg(q_lora_rank=q_lora_rank, attn_backend=backend)
+    cfg = ds_cfg(q_lora_rank=q_lora_rank)
     torch.manual_seed(0)
-    attn = MLAttention(cfg)
+    attn = MLAttention(cfg, backend)
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.2)
     cos, sin = RotaryEmbedding(cfg.qk_rope_head_dim, 64, 10000.0)(20)
@@ -145,13 +145,13 @@ def test_sequence_balance_loss_is_one_when_uniform_and_larger_when_skewed():
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 def test_moe_matches_dense_per_token_reference(impl):
     torch.manual_seed(0)
-    cfg = MoEConfig(enabled=True, n_routed_experts=6, n_shared_experts=2, top_k=2, ffn_hidden=8, expert_impl=impl)
-    moe = MoE(16, cfg)
+    cfg = MoEConfig(enabled=True, n_routed_experts=6, n_shared_experts=2, top_k=2, ffn_hidden=8)
+    moe = MoE(16, cfg, expert_impl=impl)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
-        y = moe(x)
+        y, load, _ = moe(x)
         _, idx, gates = moe.gate(x.view(-1, 16))
         ref = moe.shared_experts(x).view(-1, 16)
         for n in range(10):
@@ -160,7 +160,7 @@ def test_moe_matches_dense_per_token_reference(impl):
                 g, u = (moe.experts.gate_up_proj[e] @ x.view(-1, 16)[n]).chunk(2)
                 ref[n] += gates[n, k] * (moe.experts.down_proj[e] @ (F.silu(g) * u))
     torch.testing.assert_close(y.view(-1, 16), ref, atol=1e-5, rtol=1e-5)
-    assert moe.last_load.sum().item() == 20
+    assert load.sum().item() == 20
 
 
 def test_mtp_loss_and_total_loss():
@@ -168,25 +168,23 @@ def test_mtp_loss_and_total_loss():
     model = Transformer(ds_cfg())
     x = torch.randint(128, (2, 17))
     inp, labels = x[:, :-1], x[:, 1:]
-    model.mtp_weight = 0.3
-    total = model(inp, labels)
-    s = model.last_stats
+    out = model(inp, labels)
     with torch.no_grad():  # MTP depth 1 by hand: h from the main trunk, embedding of token i+1, target token i+2
         cos, sin = model.rotary_emb(16)
         h = model.embed_tokens(inp)
         for layer in model.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin)[0]
         m = model.mtp[0]
-        h1 = m(h[:, :-1], model.embed_tokens(inp[:, 1:]), cos[:15], sin[:15])
+        h1 = m(h[:, :-1], model.embed_tokens(inp[:, 1:]), cos[:15], sin[:15])[0]
         ref = F.cross_entropy(model.lm_head(m.norm(h1)).flatten(0, 1), labels[:, 1:].flatten())
-    torch.testing.assert_close(s["mtp_loss"], ref)
-    torch.testing.assert_close(total.detach(), s["ce_loss"] + 0.3 * s["mtp_loss"] + s["aux_loss"])
-    assert s["moe_loads"].shape == (3, 8)  # 2 MoE decoder layers + the MTP block
+    torch.testing.assert_close(out.mtp_losses.mean(), ref)
+    assert out.expert_loads.shape == (3, 8)  # 2 MoE decoder layers + the MTP block
+    total = out.ce_loss + 0.3 * out.mtp_losses.mean() + 1e-4 * out.aux_losses.sum()  # as the trainer composes it
     total.backward()
     assert model.mtp[0].eh_proj.weight.grad is not None and model.layers[1].mlp.gate.weight.grad is not None
     model.eval()  # evaluation is the plain next-token loss
     with torch.no_grad():
-        torch.testing.assert_close(model(inp, labels), s["ce_loss"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(model(inp, labels).ce_loss, out.ce_loss.detach(), atol=1e-3, rtol=0)
 
 
 def test_bias_stays_fp32_and_is_in_state_dict():
@@ -194,7 +192,8 @@ def test_bias_stays_fp32_and_is_in_state_dict():
     bias = model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.dtype == torch.float32
     assert "layers.1.mlp.gate.e_score_correction_bias" in model.state_dict()
-    model.update_balance(torch.tensor([[1.0, 9, 1, 1, 1, 1, 1, 1]] * 3), gamma=1e-3)
+    for moe, load in zip(model.moe_layers(), torch.tensor([[1.0, 9, 1, 1, 1, 1, 1, 1]] * 3), strict=True):
+        moe.gate.update_bias(load, gamma=1e-3)
     assert model.layers[1].mlp.gate.e_score_correction_bias[1].item() == pytest.approx(-1e-3)
 
 
@@ -234,13 +233,14 @@ def test_deepseek_1b_active_shape():
 def test_expert_without_tokens_still_gets_a_gradient(impl):
     """Every expert weight takes part in every forward (empty slices included): no ZeRO-3 gather/reduce mismatch."""
     torch.manual_seed(0)
-    moe = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, top_k=1, ffn_hidden=8, expert_impl=impl))
+    moe = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, top_k=1, ffn_hidden=8), expert_impl=impl)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
     moe.gate.e_score_correction_bias[0] = 10.0  # every token goes to expert 0
     moe.train()
-    moe(torch.randn(2, 6, 16)).sum().backward()
-    assert moe.last_load.tolist() == [12, 0, 0, 0]
+    y, load, _ = moe(torch.randn(2, 6, 16))
+    y.sum().backward()
+    assert load.tolist() == [12, 0, 0, 0]
     grad = moe.experts.gate_up_proj.grad
     assert grad is not None and grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
 
@@ -252,7 +252,8 @@ def test_grouped_mm_and_loop_experts_agree_in_forward_and_backward():
         torch.manual_seed(0)
         moes[impl] = MoE(
             32,
-            MoEConfig(enabled=True, n_routed_experts=8, n_shared_experts=1, top_k=3, ffn_hidden=16, expert_impl=impl),
+            MoEConfig(enabled=True, n_routed_experts=8, n_shared_experts=1, top_k=3, ffn_hidden=16),
+            expert_impl=impl,
         )
         for p in moes[impl].parameters():
             torch.nn.init.normal_(p, std=0.3)
@@ -260,7 +261,7 @@ def test_grouped_mm_and_loop_experts_agree_in_forward_and_backward():
     grads = {}
     for impl, moe in moes.items():
         xi = x.clone().requires_grad_()
-        (moe(xi) * torch.linspace(-1, 1, 32)).sum().backward()
+        (moe(xi)[0] * torch.linspace(-1, 1, 32)).sum().backward()
         grads[impl] = [xi.grad] + [p.grad for p in moe.parameters()]
     for a, b in zip(grads["grouped_mm"], grads["loop"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -268,4 +269,4 @@ def test_grouped_mm_and_loop_experts_agree_in_forward_and_backward():
 
 def test_unknown_expert_impl_is_refused():
     with pytest.raises(ValueError, match="expert_impl"):
-        MoEConfig(enabled=True, expert_impl="triton")
+        ExecutionConfig(expert_impl="triton")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 import pytest
@@ -11,8 +10,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model.config import ModelConfig, MoEConfig, MTPConfig
+from model.config import ExecutionConfig, ModelConfig, MoEConfig, MTPConfig
 from model.loss import LigerUnavailableError, chunked_cross_entropy
+from model.output import ModelOutput
 from model.transformer import Transformer
 
 HAS_LIGER = True
@@ -47,10 +47,20 @@ def batch(cfg: ModelConfig, B: int = 2, T: int = 16, seed: int = 1) -> tuple[tor
     return x, y
 
 
-def loss_and_grads(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def train_loss(out: ModelOutput) -> torch.Tensor:
+    """The training loss as the trainer composes it, at MTP weight 0.3 and balance-loss alpha 1e-4."""
+    total = out.ce_loss
+    if out.mtp_losses is not None:
+        total = total + 0.3 * out.mtp_losses.mean()
+    if out.aux_losses is not None:
+        total = total + 1e-4 * out.aux_losses.sum()
+    return total
+
+
+def loss_and_grads(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, **execution) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(0)
-    model = Transformer(cfg).train()
-    loss = model(x, labels=y)
+    model = Transformer(cfg, ExecutionConfig(**execution)).train()
+    loss = train_loss(model(x, labels=y))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -75,8 +85,8 @@ def test_chunked_cross_entropy_matches_torch_loss_and_grads():
 def test_chunked_loss_matches_torch_in_the_model(make):
     """Whole model, fp32: same loss and gradients of every parameter (tied embedding = head included, MTP head)."""
     x, y = batch(make())
-    ref_loss, ref_grads = loss_and_grads(make(loss_impl="torch"), x, y)
-    loss, grads = loss_and_grads(make(loss_impl="chunked", loss_chunk_size=7), x, y)
+    ref_loss, ref_grads = loss_and_grads(make(), x, y, loss_impl="torch")
+    loss, grads = loss_and_grads(make(), x, y, loss_impl="chunked", loss_chunk_size=7)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and "embed_tokens.weight" in grads
     for name in grads:
@@ -86,7 +96,7 @@ def test_chunked_loss_matches_torch_in_the_model(make):
 def test_chunked_loss_untied_head():
     x, y = batch(dense_cfg())
     ref_loss, ref_grads = loss_and_grads(dense_cfg(tie_embeddings=False), x, y)
-    loss, grads = loss_and_grads(dense_cfg(tie_embeddings=False, loss_impl="chunked", loss_chunk_size=5), x, y)
+    loss, grads = loss_and_grads(dense_cfg(tie_embeddings=False), x, y, loss_impl="chunked", loss_chunk_size=5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads["lm_head.weight"], ref_grads["lm_head.weight"], rtol=1e-5, atol=1e-7)
 
@@ -97,9 +107,9 @@ def test_chunked_loss_under_bf16_autocast_is_close():
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = model(x, labels=y)
+        ref = model(x, labels=y).ce_loss
         model.lm_head.impl = "chunked"
-        out = model(x, labels=y)
+        out = model(x, labels=y).ce_loss
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
@@ -107,17 +117,17 @@ def test_chunked_loss_under_bf16_autocast_is_close():
 @pytest.mark.skipif(HAS_LIGER, reason="liger-kernel is installed")
 @pytest.mark.parametrize("key", ["loss_impl", "kernels"])
 def test_liger_missing_gives_clear_error(key):
-    with pytest.raises(LigerUnavailableError, match=f"model.{key}=liger.*pip install liger-kernel"):
-        Transformer(dense_cfg(**{key: "liger"}))
+    with pytest.raises(LigerUnavailableError, match=f"execution.{key}=liger.*pip install liger-kernel"):
+        Transformer(dense_cfg(), ExecutionConfig(**{key: "liger"}))
 
 
 def test_bad_values_fail():
-    with pytest.raises(ValueError, match="model.activation_checkpointing='some'"):
-        dense_cfg(activation_checkpointing="some")
-    with pytest.raises(ValueError, match="model.loss_impl"):
-        dense_cfg(loss_impl="fused")
-    with pytest.raises(ValueError, match="model.kernels"):
-        dense_cfg(kernels="triton")
+    with pytest.raises(ValueError, match="execution.activation_checkpointing='some'"):
+        ExecutionConfig(activation_checkpointing="some")
+    with pytest.raises(ValueError, match="execution.loss_impl"):
+        ExecutionConfig(loss_impl="fused")
+    with pytest.raises(ValueError, match="execution.kernels"):
+        ExecutionConfig(kernels="triton")
 
 
 class LiveActivations(TorchDispatchMode):
@@ -142,11 +152,11 @@ class LiveActivations(TorchDispatchMode):
         return sum(storages.values())
 
 
-def saved_bytes(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
+def saved_bytes(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, **execution) -> tuple[int, torch.Tensor, dict]:
     torch.manual_seed(0)
-    model = Transformer(cfg).train()
+    model = Transformer(cfg, ExecutionConfig(**execution)).train()
     with LiveActivations() as mode:
-        loss = model(x, labels=y)
+        loss = train_loss(model(x, labels=y))
     kept = mode.live_bytes()
     loss.backward()
     return kept, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -155,7 +165,7 @@ def saved_bytes(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor) -> tuple[int
 @pytest.mark.parametrize("make", [dense_cfg, moe_cfg], ids=["dense", "mla_moe_mtp"])
 def test_activation_checkpointing_same_grads_less_memory(make):
     x, y = batch(make(), B=2, T=32)
-    results = {mode: saved_bytes(make(activation_checkpointing=mode), x, y) for mode in ("none", "selective", "full")}
+    results = {mode: saved_bytes(make(), x, y, activation_checkpointing=mode) for mode in ("none", "selective", "full")}
     ref_loss, ref_grads = results["none"][1:]
     for mode in ("selective", "full"):
         torch.testing.assert_close(results[mode][1], ref_loss, rtol=0, atol=0)
@@ -166,13 +176,13 @@ def test_activation_checkpointing_same_grads_less_memory(make):
 
 
 def test_checkpointing_is_off_in_eval():
-    cfg = dense_cfg(activation_checkpointing="full")
+    cfg = dense_cfg()
     x, y = batch(cfg)
     torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = Transformer(cfg, ExecutionConfig(activation_checkpointing="full")).eval()
     torch.manual_seed(0)
-    ref = Transformer(dataclasses.replace(cfg, activation_checkpointing="none")).eval()
-    torch.testing.assert_close(model(x), ref(x))
+    ref = Transformer(cfg, ExecutionConfig(activation_checkpointing="none")).eval()
+    torch.testing.assert_close(model(x).logits, ref(x).logits)
 
 
 @pytest.mark.gpu
@@ -185,9 +195,9 @@ def test_liger_matches_torch_on_gpu(make):
     for kernels, impl in (("torch", "torch"), ("liger", "torch"), ("torch", "liger"), ("liger", "liger")):
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = Transformer(make(kernels=kernels, loss_impl=impl)).train()
+            model = Transformer(make(), ExecutionConfig(kernels=kernels, loss_impl=impl)).train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, labels=y)
+            loss = train_loss(model(x, labels=y))
         loss.backward()
         out[kernels, impl] = loss.detach(), {n: p.grad.float() for n, p in model.named_parameters()}
     ref_loss, ref_grads = out["torch", "torch"]
@@ -203,7 +213,7 @@ def test_chunked_loss_keeps_no_logits():
     cfg = dense_cfg()
     x, y = batch(cfg, B=2, T=32)
     kept_torch = saved_bytes(cfg, x, y)[0]
-    kept_chunked = saved_bytes(dataclasses.replace(cfg, loss_impl="chunked", loss_chunk_size=8), x, y)[0]
+    kept_chunked = saved_bytes(cfg, x, y, loss_impl="chunked", loss_chunk_size=8)[0]
     assert kept_torch - kept_chunked >= x.numel() * cfg.vocab_size * 4, (kept_torch, kept_chunked)
 
 
@@ -233,7 +243,7 @@ def test_fp8_loss_stays_within_half_a_percent_of_bf16_on_gpu():
         curves[fp8] = []
         for tokens in data:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+                loss = model(tokens[:, :-1], labels=tokens[:, 1:]).ce_loss
             loss.backward()
             opt.step()
             opt.zero_grad()

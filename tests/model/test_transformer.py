@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from model.attention import FlashAttnUnavailableError
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer, num_params
 
@@ -25,19 +25,19 @@ def make_cfg(**overrides) -> ModelConfig:
     return ModelConfig(**(base | overrides))
 
 
-def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+def build(cfg: ModelConfig, seed: int = 0, **execution) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(cfg).eval()
+    return Transformer(cfg, ExecutionConfig(**execution)).eval()
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_sdpa_matches_eager(n_kv_heads):
-    sdpa = build(make_cfg(n_kv_heads=n_kv_heads, attn_backend="sdpa"))
-    eager = build(make_cfg(n_kv_heads=n_kv_heads, attn_backend="eager"))
+    sdpa = build(make_cfg(n_kv_heads=n_kv_heads), attn_backend="sdpa")
+    eager = build(make_cfg(n_kv_heads=n_kv_heads), attn_backend="eager")
     eager.load_state_dict(sdpa.state_dict())
     x = torch.randint(128, (3, 40))
     with torch.no_grad():
-        torch.testing.assert_close(sdpa(x), eager(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(sdpa(x).logits, eager(x).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
@@ -51,13 +51,13 @@ def test_gqa_projection_shapes(n_kv_heads):
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_causal(backend):
-    model = build(make_cfg(attn_backend=backend))
+    model = build(make_cfg(), attn_backend=backend)
     x = torch.randint(128, (2, 32))
     t = 17
     x2 = x.clone()
     x2[:, t] = (x[:, t] + 1) % 128
     with torch.no_grad():
-        a, b = model(x), model(x2)
+        a, b = model(x).logits, model(x2).logits
     torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
     assert (a[:, t:] - b[:, t:]).abs().amax() > 1e-4
 
@@ -68,8 +68,8 @@ def test_loss_is_cross_entropy_over_unmasked_labels():
     labels = torch.randint(128, (2, 24))
     labels[0, :5] = -100
     labels[1, -3:] = -100
-    loss = model(x, labels=labels)
-    logits = model(x)
+    loss = model(x, labels=labels).ce_loss
+    logits = model(x).logits
     keep = labels != -100
     expected = F.cross_entropy(logits[keep].float(), labels[keep])
     assert loss.dim() == 0 and loss.dtype == torch.float32
@@ -82,7 +82,7 @@ def test_bf16_autocast_forward():
     model = build(make_cfg())
     x = torch.randint(128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x, labels=x)
+        loss = model(x, labels=x).ce_loss
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -90,9 +90,9 @@ def test_flash_attn_missing_gives_clear_error():
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash_attn is installed")
     with pytest.raises(FlashAttnUnavailableError, match=r"pip install -e \.\[flash\]") as info:
-        Transformer(make_cfg(attn_backend="flash_attn"))
+        Transformer(make_cfg(), ExecutionConfig(attn_backend="flash_attn"))
     assert isinstance(info.value, ImportError)
-    assert "model.attn_backend=sdpa" in str(info.value)
+    assert "execution.attn_backend=sdpa" in str(info.value)
 
 
 def test_vocab_size_must_be_set():
@@ -165,9 +165,9 @@ def test_llama_1b_matches_llama_3_2_1b_parameter_count():
 def test_bf16_kernels_match_eager_on_gpu(backend):
     if backend == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash_attn not installed")
-    ref = build(make_cfg(attn_backend="eager", n_heads=8, n_kv_heads=2, d_model=512)).cuda()
-    model = build(make_cfg(attn_backend=backend, n_heads=8, n_kv_heads=2, d_model=512)).cuda()
+    ref = build(make_cfg(n_heads=8, n_kv_heads=2, d_model=512), attn_backend="eager").cuda()
+    model = build(make_cfg(n_heads=8, n_kv_heads=2, d_model=512), attn_backend=backend).cuda()
     model.load_state_dict(ref.state_dict())
     x = torch.randint(128, (2, 64), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        torch.testing.assert_close(model(x).float(), ref(x).float(), atol=3e-2, rtol=0)
+        torch.testing.assert_close(model(x).logits.float(), ref(x).logits.float(), atol=3e-2, rtol=0)
