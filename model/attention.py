@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.accelerator import compiles_flex
 from model.config import ModelConfig
 from model.masking import AttnMask
 from model.norm import RMSNorm
@@ -86,9 +87,10 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, s
     """FlexAttention of q (B, nh, T, dqk), k/v (B, n_kv, T, d) under block_mask -> (B, nh, T, dv)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+    compiled = compiles_flex(q.device)
+    if not compiled and torch.is_grad_enabled() and q.requires_grad:
         raise NotImplementedError(FLEX_CPU_BACKWARD)
-    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    fn = _compiled_flex_attention() if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.accelerator import compiles_flex
+
 
 def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """input_ids (B, T) -> (B, T) int64 document index per row: the number of eos tokens strictly before t."""
@@ -65,7 +67,7 @@ def _flex_block_mask(mask_mod, B: int | None, T: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     # Compiled on CUDA so the (B, T, T) mask never materialises; CPU (tests) builds it eagerly.
-    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
+    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=compiles_flex(device))
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.accelerator import grouped_mm_supported
 from model.config import MoEConfig
 
 
@@ -119,9 +120,7 @@ class Experts(nn.Module):
             return self.impl == "grouped_mm"
         if not hasattr(torch, "_grouped_mm"):
             return False
-        if x.device.type == "cuda":  # PyTorch's CUDA grouped GEMM is bf16-only
-            return torch.is_autocast_enabled("cuda") or x.dtype == torch.bfloat16
-        return x.device.type == "cpu"
+        return grouped_mm_supported(x)
 
     def _compute(self, xs: torch.Tensor, g_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, d) grouped by local expert, g_sorted (M, 1) their gates, counts (n_local,) rows per expert ->

@@ -20,7 +20,7 @@ class RotaryEmbedding(nn.Module):
         self._build(None)
 
     def _build(self, device: torch.device | None) -> None:
-        # device=None follows the default device, so `with torch.device("meta"|"cuda"):` builds the tables there.
+        # device=None follows the default device, so `with torch.device(...)` (meta, a GPU) builds the tables there.
         # Same expression and op order as HF `compute_default_rope_parameters` + `LlamaRotaryEmbedding.forward`.
         inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim)

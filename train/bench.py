@@ -11,11 +11,9 @@ Markdown table. bench.find_max_micro_batch=true searches the largest micro-batch
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import json
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +24,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
+from model.accelerator import (
+    default_dtype,
+    device_name,
+    empty_cache,
+    fused_adamw,
+    is_accelerator,
+    peak_flops,
+    peak_memory_gb,
+    peak_memory_kind,
+    reset_peak_memory,
+    resolve_device,
+    synchronize,
+)
 from model.config import ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer, num_params
 from train.hf_export import hf_architecture, hf_config, to_hf_state_dict
-from train.mfu import peak_flops
 from train.optimize import optimize_model
 
 HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
@@ -49,9 +59,9 @@ class BenchConfig:
     peer: bool = True
     """Also time transformers' LlamaForCausalLM with the same config, weights and batch."""
     dtype: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast)."""
+    """auto (bf16 autocast on an accelerator, fp32 on cpu), fp32 or bf16 (autocast)."""
     device: str = "auto"
-    """auto (cuda if available, else cpu) or a torch device string."""
+    """auto (the accelerator if there is one, else cpu) or a torch device string."""
     seed: int = 0
     doc_len: int = 0
     """Mean document length of the random rows: an eos (model.eos_id, else 2) at each position with probability
@@ -99,29 +109,14 @@ ConfigStore.instance().store(name="bench_schema", node=BenchRoot)
 
 def _reset_peak_mem(device: torch.device) -> float:
     """Start a peak-memory window; returns the baseline (bytes) that `_peak_mem` subtracts."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    try:  # Linux: restart the max-RSS high-water mark at the current RSS, so the second model is measured alone
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # ru_maxrss is KiB on Linux
-
-
-def _release_cpu_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them resident), so the next RSS window starts clean."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    # On CPU the reset restarts the max-RSS mark at the current RSS, so the second model is measured alone; the
+    # process's RSS at that point is the baseline. An accelerator's allocator peak starts from zero.
+    reset_peak_memory(device)
+    return 0.0 if is_accelerator(device) else peak_memory_gb(device) * 2**30
 
 
 def _peak_mem(device: torch.device, baseline: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - baseline
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0 - baseline
+    return peak_memory_gb(device) * 2**30 - baseline
 
 
 def time_training(
@@ -132,12 +127,11 @@ def time_training(
     bf16: bool,
 ) -> tuple[float, float]:
     """bc.warmup untimed then bc.steps timed AdamW steps on loss_fn(model); returns (timed seconds, first loss)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
     start = first_loss = None
     for i in range(bc.warmup + bc.steps):
         if i == bc.warmup:
-            sync()
+            synchronize(device)
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(model)
@@ -145,7 +139,7 @@ def time_training(
         opt.step()
         opt.zero_grad(set_to_none=True)
         first_loss = loss.detach() if first_loss is None else first_loss  # .item() later: no sync while timing
-    sync()
+    synchronize(device)
     return time.perf_counter() - start, first_loss.item()
 
 
@@ -165,7 +159,7 @@ def measure(
     tps = bc.micro_batch_size * bc.seq_len * bc.steps / seconds
     result = {
         "impl": impl,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "model": cfg.name,
         "params": num_params(model),
@@ -175,7 +169,7 @@ def measure(
         "tokens_per_s": round(tps, 1),
         "mfu": round(flops_per_token(cfg, bc.seq_len) * tps / peak_flops(device), 4),
         "peak_mem_gb": round(_peak_mem(device, base) / 1e9, 3),
-        "peak_mem_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss_delta",
+        "peak_mem_kind": peak_memory_kind(device),
         "first_loss": round(loss, 4),
     }
     if impl == "hangang":
@@ -190,10 +184,7 @@ def measure(
     print(json.dumps(result), flush=True)
     del model
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        _release_cpu_memory()
+    empty_cache(device)
     return result
 
 
@@ -222,8 +213,8 @@ def build_peer(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.devi
 def run(root: BenchRoot) -> dict:
     """Benchmark ours, then the peer unless bench.peer=false; returns the summary (ours + peer + speedup)."""
     bc = root.bench
-    device = torch.device(bc.device if bc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and device.type == "cuda")
+    device = resolve_device(bc.device)
+    bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and default_dtype(device) == torch.bfloat16)
     eos = root.model.eos_id if root.model.eos_id >= 0 else 2  # the peer's eos id too
     cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000, eos_id=eos)
     if bc.seq_len > cfg.max_seq_len:

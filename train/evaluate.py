@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
+from model.accelerator import resolve_device
 from train.config import EvaluateConfig
 
 
@@ -52,9 +53,7 @@ def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_si
         raise FileNotFoundError(
             f"eval.text_files: {missing or 'none given'}: pass existing files, eval.text_files=[a.txt]"
         )
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
+    dev = resolve_device(device)
     model, meta = load_model(run_dir)
     model.to(dev)
     tok, _ = run_tokenizer(run_dir, meta)

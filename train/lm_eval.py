@@ -66,15 +66,16 @@ def ensure_export(run_dir: Path) -> Path:
 def run_lm_eval(cfg: LmEvalConfig) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    from model.accelerator import device_type
 
     run_dir = Path(cfg.run.dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): fix run.dir")
     hf = ensure_export(run_dir)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = device_type() if cfg.device == "auto" else cfg.device
     with tempfile.TemporaryDirectory() as tmp:
         manager = TaskManager(include_path=str(shipped_tasks(Path(tmp))))
         unknown = [t for t in cfg.tasks if t not in manager.all_tasks]

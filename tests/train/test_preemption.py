@@ -20,7 +20,10 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(trained_run, tiny_tokeni
     pipe = subprocess.PIPE
     proc = subprocess.Popen(cmd + args + slow, cwd=REPO, env=env, stdout=pipe, stderr=pipe, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
+    while not ((run_dir / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 2):
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no two logged steps within 300 s: {proc.communicate()[1][-2000:]}")
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)

@@ -6,8 +6,9 @@ No deepspeed import here: `train.bench` uses these too, on machines without Deep
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from model.accelerator import fp8_supported
 
 FP8_MISSING = (
     "train.fp8=true needs torchao (float8 training): `pip install torchao` on a CUDA machine with an FP8 GPU "
@@ -21,7 +22,7 @@ def check_fp8() -> None:
         import torchao.float8  # noqa: F401
     except ImportError as e:
         raise ValueError(FP8_MISSING) from e
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+    if not fp8_supported():
         raise ValueError("train.fp8=true needs a CUDA GPU with FP8 tensor cores (sm_89 / Hopper or newer)")
 
 

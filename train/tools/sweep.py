@@ -57,13 +57,14 @@ def last_error(log: str) -> str:
 
 def run_sweep_job(raw: DictConfig) -> dict:
     """Run this multirun job as a torchrun subprocess; record and print the outcome, never raise on failure."""
-    import torch
     from hydra.core.hydra_config import HydraConfig
+
+    from model.accelerator import device_count
 
     hc = HydraConfig.get()
     job_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    nproc = raw.run.nproc_per_node or torch.cuda.device_count() or 2
+    nproc = raw.run.nproc_per_node or device_count() or 2
     group = raw.logging.wandb.group or sweep_dir.name
     overrides = list(hc.overrides.task)
     cmd = job_command(overrides, job_dir, group, nproc)
