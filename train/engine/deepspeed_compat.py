@@ -108,8 +108,12 @@ def gate_optimizer_step(optimizer: torch.optim.Optimizer, step: Callable) -> Cal
     with `step`; returns the original. torch's LR schedulers wrap `optimizer.step` once and mark the wrapper
     `_wrapped_by_lr_sched`; marking ours keeps them from wrapping (and warning about) it again."""
     inner = optimizer.step
-    step._wrapped_by_lr_sched = True
-    optimizer.step = step
+
+    def gated(*args, **kwargs):
+        return step(*args, **kwargs)
+
+    gated._wrapped_by_lr_sched = True
+    optimizer.step = gated
     return inner
 
 

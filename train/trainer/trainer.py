@@ -38,8 +38,8 @@ class Trainer:
         """Train to `train.max_steps` (or `train.exit_after_steps` more); returns a summary."""
         t = self.cfg
         stop_at = t.max_steps if t.exit_after_steps is None else min(t.max_steps, self.step + t.exit_after_steps)
+        self.callbacks.pre_train()  # the first validation is not training time
         self._launch_start = time.perf_counter()
-        self.callbacks.pre_train()
         while self.step < stop_at:
             self.callbacks.pre_step(self.step + 1)
             result = self.train_step()
