@@ -9,15 +9,15 @@ Memory model (bf16 mixed precision, as DeepSpeed runs it on GPUs; fp32 on CPU):
 - weights 2 B/param, gradients 2 B/param, optimizer states 12 B/param (fp32 master, Adam m and v); ZeRO-1 shards
   the optimizer states over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload
   moves optimizer states (and with offload_param, weights) to CPU memory. Routed experts are first split over
-  `model.moe.ep_size` ranks, and ZeRO shards a rank's experts over the gpus / ep_size ranks holding the same ones
+  `ep_size` ranks, and ZeRO shards a rank's experts over the gpus / ep_size ranks holding the same ones
   (DeepSpeed's expert-data-parallel group). On CPU (fp32, process RSS): 4 + 4 + 8 B/param, plus DeepSpeed's
   buffers (ZeRO-0: the flat all-reduce bucket, 4 B/param; ZeRO-1/2: fp32 partition copy, flat reduce bucket and the
   parameters' original storage left resident, 4/N + 4 + 4 B/param) and activations x 1.4 (freed pages glibc keeps),
   calibrated and checked against real runs in BENCHMARKS.md.
 - activations per token and layer: the tensors a Llama/DeepSeek block keeps for backward with a fused attention
   kernel (no T x T scores): 2 B x (6 d + 2 kv + 4 f_active) (+ router scores for MoE layers); the output head keeps
-  logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token (with `model.loss_impl=chunked|liger`,
-  one chunk of fp32 logits and gradient instead). `model.activation_checkpointing=selective` keeps
+  logits in bf16 plus their fp32 copy and gradient, 10 B x vocab per token (with `execution.loss_impl=chunked|liger`,
+  one chunk of fp32 logits and gradient instead). `execution.activation_checkpointing=selective` keeps
   2 B x (3 d + 2 kv + 2 f_active) per layer (norms, RoPE and SiLU*up recomputed); `full` keeps only each layer's
   input (2 d B/token) and recomputes one layer at a time. The micro-batch and totals follow the configured mode.
 """
@@ -36,7 +36,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig
 from model.flops import activated_params, flops_per_token
 from train.config import DeepSpeedConfig
 
@@ -57,6 +57,12 @@ class PlanConfig:
     """Root of `configs/plan.yaml`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    """Read: loss_impl, loss_chunk_size, activation_checkpointing (the run's `execution.*`)."""
+    # TODO(issue 12): the old spellings model.loss_impl / model.activation_checkpointing / model.moe.ep_size need the
+    # trainer's deprecation aliases (model.config.MOVED_KEYS) applied to the overrides before composition.
+    ep_size: int = 1
+    """Expert-parallel degree of the run (MoE models): routed experts split over this many ranks."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     gpus: int = 8
     gpu: str = "h100"
@@ -81,6 +87,8 @@ class PlanConfig:
             raise ValueError(f"gpu={self.gpu!r}: choose one of {sorted(GPUS)} or cpu")
         if self.gpus <= 0 or not 0 < self.mfu <= 1:
             raise ValueError("gpus must be positive and mfu in (0, 1]")
+        if self.ep_size <= 0 or (self.model.moe.enabled and self.model.moe.n_routed_experts % self.ep_size):
+            raise ValueError(f"ep_size={self.ep_size} must be positive and divide model.moe.n_routed_experts")
 
 
 ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
@@ -98,7 +106,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     from model.transformer import Transformer
 
     with torch.device("meta"):  # kernels do not change the parameters, and the planner may run where liger cannot
-        model = Transformer(replace(cfg, loss_impl="torch", kernels="torch"))
+        model = Transformer(cfg)  # the default ExecutionConfig: pure-PyTorch kernels and loss
     total = routed = 0
     for name, p in model.named_parameters():
         total += p.numel()
@@ -115,7 +123,9 @@ def _active_ffn(cfg: ModelConfig, layer: int) -> int:
     return cfg.ffn_hidden
 
 
-def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, mode: str, dtype_bytes: int) -> float:
+def activation_bytes(
+    cfg: ModelConfig, execution: ExecutionConfig, seq_len: int, micro: int, mode: str, dtype_bytes: int
+) -> float:
     """Activation memory of one micro-batch under activation checkpointing `mode` (see module docstring)."""
     d = cfg.d_model
     kv = cfg.n_kv_heads * cfg.head_dim if cfg.attention == "gqa" else cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -130,18 +140,20 @@ def activation_bytes(cfg: ModelConfig, seq_len: int, micro: int, mode: str, dtyp
         for i in range(layers)
     ]
     heads = 1 + cfg.mtp.depth
-    if cfg.loss_impl == "torch":
+    if execution.loss_impl == "torch":
         head = tokens * (dtype_bytes + 8) * cfg.vocab_size * heads
     else:  # chunked / fused: one (chunk, vocab) fp32 block of logits and its gradient at a time
-        head = 8 * cfg.vocab_size * min(tokens, cfg.loss_chunk_size)
+        head = 8 * cfg.vocab_size * min(tokens, execution.loss_chunk_size)
     if mode == "full":
         return tokens * (dtype_bytes * d * layers + max(per_layer)) + head
     return tokens * sum(per_layer) + head
 
 
-def state_bytes(counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, fp32: bool) -> dict[str, float]:
+def state_bytes(
+    counts: dict, ds: DeepSpeedConfig, cfg: ModelConfig, gpus: int, fp32: bool, ep_size: int = 1
+) -> dict[str, float]:
     """Weights, gradients and optimizer states per GPU for the ZeRO stage and offload chosen."""
-    ep = cfg.moe.ep_size if cfg.moe.enabled else 1
+    ep = ep_size if cfg.moe.enabled else 1
     dense = counts["total"] - counts["routed_experts"]
     experts = counts["routed_experts"] / ep  # this rank's experts, ZeRO-sharded over the gpus / ep ranks sharing them
     w, g, o = (4, 4, 8) if fp32 else (2, 2, 12)
@@ -174,15 +186,16 @@ def plan(cfg: PlanConfig) -> dict:
     fp32 = cfg.gpu == "cpu"
     counts = param_counts(model)
     fpt = flops_per_token(model, cfg.seq_len)
-    states = state_bytes(counts, cfg.deepspeed, model, cfg.gpus, fp32)
+    states = state_bytes(counts, cfg.deepspeed, model, cfg.gpus, fp32, cfg.ep_size)
     fixed = sum(states.values())
     peak, mem = GPUS.get(cfg.gpu, (None, None))
     capacity = (cfg.gpu_memory_gb * 1e9 if cfg.gpu_memory_gb else mem or 0) * USABLE
-    act = {m: activation_bytes(model, cfg.seq_len, 1, m, 4 if fp32 else 2) for m in ("none", "selective", "full")}
+    ex = cfg.execution
+    act = {m: activation_bytes(model, ex, cfg.seq_len, 1, m, 4 if fp32 else 2) for m in ("none", "selective", "full")}
     if fp32:  # process RSS on CPU: glibc keeps the pages of freed activations and backward transients resident
         act = {m: v * CPU_ACTIVATION_FACTOR for m, v in act.items()}
     largest = {m: max(0, math.floor((capacity - fixed) / act[m])) if capacity else None for m in act}
-    mode = model.activation_checkpointing
+    mode = ex.activation_checkpointing
     micro = cfg.micro_batch_size or largest[mode] or largest["full"] or 1
     mfu = cfg.mfu
     if cfg.run_dir:
@@ -202,7 +215,7 @@ def plan(cfg: PlanConfig) -> dict:
         "memory_gb": {
             **{k: v / gb for k, v in states.items()},
             "activation_checkpointing": mode,
-            "loss_impl": model.loss_impl,
+            "loss_impl": ex.loss_impl,
             "activations_per_micro_batch": act[mode] / gb,
             "activations_per_micro_batch_selective": act["selective"] / gb,
             "activations_per_micro_batch_checkpointed": act["full"] / gb,

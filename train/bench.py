@@ -37,8 +37,9 @@ from model.accelerator import (
     resolve_device,
     synchronize,
 )
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig
 from model.flops import flops_per_token
+from model.output import ModelOutput
 from model.transformer import Transformer, num_params
 from train.hf_export import hf_architecture, hf_config, to_hf_state_dict
 from train.optimize import optimize_model
@@ -101,6 +102,8 @@ class BenchRoot:
     """Schema of configs/bench.yaml (registered as `bench_schema`): an unknown key fails at compose time."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    """Kernels, loss and activation checkpointing of ours (compile and fp8 come from bench.compile / bench.fp8)."""
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
@@ -148,6 +151,7 @@ def measure(
     build: Callable[[], torch.nn.Module],
     loss_fn: Callable[[torch.nn.Module], torch.Tensor],
     cfg: ModelConfig,
+    ex: ExecutionConfig,
     bc: BenchConfig,
     device: torch.device,
     bf16: bool,
@@ -176,10 +180,10 @@ def measure(
         result.update(
             compile=bc.compile,
             fp8=bc.fp8,
-            activation_checkpointing=cfg.activation_checkpointing,
-            loss_impl=cfg.loss_impl,
-            kernels=cfg.kernels,
-            attn_backend=cfg.attn_backend,
+            activation_checkpointing=ex.activation_checkpointing,
+            loss_impl=ex.loss_impl,
+            kernels=ex.kernels,
+            attn_backend=ex.attn_backend,
         )
     print(json.dumps(result), flush=True)
     del model
@@ -188,19 +192,23 @@ def measure(
     return result
 
 
-def build_ours(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device, bc: BenchConfig) -> Transformer:
+def build_ours(
+    cfg: ModelConfig, ex: ExecutionConfig, sd: dict[str, torch.Tensor], device: torch.device, bc: BenchConfig
+) -> Transformer:
     with torch.device(device):
-        model = Transformer(cfg)
+        model = Transformer(cfg, ex)
     model.load_state_dict(sd, strict=True)
     return optimize_model(model, compile=bc.compile, fp8=bc.fp8)
 
 
-def build_peer(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+def build_peer(
+    cfg: ModelConfig, attn_backend: str, sd: dict[str, torch.Tensor], device: torch.device
+) -> torch.nn.Module:
     """The transformers model of cfg's architecture and shape, matching attention kernel, same initial weights."""
     import transformers
 
     hf_cfg = hf_config(cfg, bos_id=1, eos_id=2, pad_id=0)
-    hf_cfg._attn_implementation = HF_ATTN[cfg.attn_backend]
+    hf_cfg._attn_implementation = HF_ATTN[attn_backend]
     with torch.device(device):
         model = getattr(transformers, hf_architecture(cfg))(hf_cfg)
     hf_sd = to_hf_state_dict(sd, cfg)
@@ -210,6 +218,16 @@ def build_peer(cfg: ModelConfig, sd: dict[str, torch.Tensor], device: torch.devi
     return model
 
 
+def train_loss(out: ModelOutput) -> torch.Tensor:
+    """The training loss of ours: CE + 0.3 * mean MTP loss + 1e-4 * balance losses (the trainer's default weights)."""
+    total = out.ce_loss
+    if out.mtp_losses is not None:
+        total = total + 0.3 * out.mtp_losses.mean()
+    if out.aux_losses is not None:
+        total = total + 1e-4 * out.aux_losses.sum()
+    return total
+
+
 def run(root: BenchRoot) -> dict:
     """Benchmark ours, then the peer unless bench.peer=false; returns the summary (ours + peer + speedup)."""
     bc = root.bench
@@ -217,6 +235,7 @@ def run(root: BenchRoot) -> dict:
     bf16 = bc.dtype == "bf16" or (bc.dtype == "auto" and default_dtype(device) == torch.bfloat16)
     eos = root.model.eos_id if root.model.eos_id >= 0 else 2  # the peer's eos id too
     cfg = dataclasses.replace(root.model, vocab_size=root.model.vocab_size or 32000, eos_id=eos)
+    ex = root.execution
     if bc.seq_len > cfg.max_seq_len:
         raise ValueError(f"bench.seq_len={bc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     torch.manual_seed(bc.seed)
@@ -231,9 +250,10 @@ def run(root: BenchRoot) -> dict:
     def peer_run() -> dict:
         return measure(
             "transformers",
-            lambda: build_peer(cfg, init_sd, device),
+            lambda: build_peer(cfg, ex.attn_backend, init_sd, device),
             lambda m: m(input_ids=x, labels=y, shift_labels=y).loss,  # shift_labels: y is already shifted
             cfg,
+            ex,
             bc,
             device,
             bf16,
@@ -242,7 +262,14 @@ def run(root: BenchRoot) -> dict:
     if bc.impl == "transformers":
         return dict(peer_run(), peer=None, speedup=None)
     ours = measure(
-        "hangang", lambda: build_ours(cfg, init_sd, device, bc), lambda m: m(x, labels=y), cfg, bc, device, bf16
+        "hangang",
+        lambda: build_ours(cfg, ex, init_sd, device, bc),
+        lambda m: train_loss(m(x, labels=y)),
+        cfg,
+        ex,
+        bc,
+        device,
+        bf16,
     )
     summary = dict(ours, doc_masking=cfg.doc_masking, doc_len=bc.doc_len, peer=None, speedup=None)
     if bc.peer:

@@ -37,7 +37,7 @@ def score_ids(model, ids: list[int], seq_len: int, batch_size: int, device: torc
         for j, w in enumerate(chunk):
             x[j, : len(w) - 1] = w[:-1]
             y[j, : len(w) - 1] = w[1:]
-        logits = model(x.to(device)).float()
+        logits = model(x.to(device)).logits.float()
         y = y.to(device)
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
         count += int((y != -100).sum())

@@ -64,8 +64,8 @@ def test_expert_parallel_memory_follows_deepspeed_partitioning():
     counts = {"total": 1000, "routed_experts": 800}
 
     def per_gpu(ep_size: int, stage: int) -> dict:
-        cfg = ModelConfig(moe=MoEConfig(enabled=True, ep_size=ep_size))
-        return state_bytes(counts, DeepSpeedConfig(zero_stage=stage), cfg, gpus=8, fp32=True)
+        cfg = ModelConfig(moe=MoEConfig(enabled=True))
+        return state_bytes(counts, DeepSpeedConfig(zero_stage=stage), cfg, gpus=8, fp32=True, ep_size=ep_size)
 
     assert per_gpu(2, 3) == per_gpu(1, 3)  # the expert shards per GPU are the same size either way
     assert per_gpu(2, 1)["weights"] == (200 + 800 / 2) * 4  # without ZeRO-3, EP halves the experts held
@@ -77,8 +77,8 @@ def test_loss_impl_and_checkpointing_mode_change_activations():
     the configured mode decides the micro-batch and the total. H100 check in BENCHMARKS.md."""
     base = ["model=llama_1b", "vocab_size=128256", "gpus=1", "gpu=h100", "seq_len=4096", "deepspeed.zero_stage=0"]
     plain = plan(make(*base))
-    fused = plan(make(*base, "model.loss_impl=chunked"))
-    sel = plan(make(*base, "model.loss_impl=liger", "model.activation_checkpointing=selective"))
+    fused = plan(make(*base, "execution.loss_impl=chunked"))
+    sel = plan(make(*base, "execution.loss_impl=liger", "execution.activation_checkpointing=selective"))
     m, f, s = plain["memory_gb"], fused["memory_gb"], sel["memory_gb"]
     logits_gb = 4096 * 10 * 128256 / 1e9  # bf16 logits + fp32 copy + fp32 gradient per sequence
     assert m["activations_per_micro_batch"] - f["activations_per_micro_batch"] == pytest.approx(

@@ -52,8 +52,8 @@ def test_suite_runs_each_variant_and_records_failures(tmp_path):
         " bench.warmup=1, bench.micro_batch_size=2]\n"
         "variants:\n"
         "  - {name: peer, overrides: [bench.impl=transformers]}\n"
-        "  - {name: broken, overrides: [model.loss_impl=nope]}\n"
-        "  - {name: ours, overrides: [model.loss_impl=chunked, model.activation_checkpointing=selective]}\n"
+        "  - {name: broken, overrides: [execution.loss_impl=nope]}\n"
+        "  - {name: ours, overrides: [execution.loss_impl=chunked, execution.activation_checkpointing=selective]}\n"
     )
     table = tmp_path / "BENCH.md"
     start, end = markers(str(suite))
@@ -63,7 +63,7 @@ def test_suite_runs_each_variant_and_records_failures(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [(r["variant"], r["status"]) for r in rows] == [("peer", "ok"), ("broken", "error"), ("ours", "ok")]
-    assert "model.loss_impl='nope'" in rows[1]["error"]
+    assert "execution.loss_impl='nope'" in rows[1]["error"]
     assert (rows[0]["impl"], rows[2]["impl"]) == ("transformers", "hangang")
     assert (rows[2]["loss_impl"], rows[2]["activation_checkpointing"]) == ("chunked", "selective")
     assert rows[0]["first_loss"] == pytest.approx(rows[2]["first_loss"], abs=1e-3)  # same weights and batch
