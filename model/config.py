@@ -20,7 +20,7 @@ MOVED_KEYS = {
     "kernels": "execution.kernels",
     "activation_checkpointing": "execution.activation_checkpointing",
     "moe.expert_impl": "execution.expert_impl",
-    "moe.ep_size": "train.ep_size",
+    "moe.ep_size": "parallel.ep_size",
     "moe.balance": "train.moe.balance",
     "moe.gamma": "train.moe.gamma",
     "moe.gamma_until": "train.moe.gamma_until",

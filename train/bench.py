@@ -42,7 +42,7 @@ from model.flops import flops_per_token
 from model.output import ModelOutput
 from model.transformer import Transformer, num_params
 from train.hf_export import hf_architecture, hf_config, to_hf_state_dict
-from train.optimize import optimize_model
+from train.engine.optimize import optimize_model
 
 HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
 

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.config import DataConfig
+from model.config import MOVED_KEYS as MODEL_MOVED_KEYS
 from model.config import ExecutionConfig, ModelConfig, MoEConfig, MTPConfig
 from tokenizer.config import TokenizerConfig
 
@@ -357,23 +358,9 @@ def _as_base(obj, cls, **override):
 
 
 MOVED_KEYS = {
-    "model.attn_backend": "execution.attn_backend",
-    "model.loss_impl": "execution.loss_impl",
-    "model.loss_chunk_size": "execution.loss_chunk_size",
-    "model.kernels": "execution.kernels",
-    "model.activation_checkpointing": "execution.activation_checkpointing",
-    "model.moe.expert_impl": "execution.expert_impl",
+    **{f"model.{old}": new for old, new in MODEL_MOVED_KEYS.items()},
     "train.compile": "execution.compile",
     "train.fp8": "execution.fp8",
-    "model.moe.ep_size": "parallel.ep_size",
-    "model.moe.balance": "train.moe.balance",
-    "model.moe.gamma": "train.moe.gamma",
-    "model.moe.gamma_until": "train.moe.gamma_until",
-    "model.moe.seq_aux_alpha": "train.moe.seq_aux_alpha",
-    "model.moe.aux_loss_alpha": "train.moe.aux_loss_alpha",
-    "model.mtp.loss_weight": "train.mtp.loss_weight",
-    "model.mtp.loss_weight_final": "train.mtp.loss_weight_final",
-    "model.mtp.weight_switch": "train.mtp.weight_switch",
 }
 """Keys that left `model` (architecture only) and `train` for the config that owns them: old spelling -> new."""
 
