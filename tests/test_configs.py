@@ -8,10 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import data_pipeline.prepare  # noqa: F401  registers prepare_schema
-import launch.plan  # noqa: F401  registers plan_schema
-import tokenizer.evaluate  # noqa: F401  registers tokenizer_evaluate_schema
-import tokenizer.train  # noqa: F401  registers tokenizer_train_schema
+import data_pipeline.config  # noqa: F401  registers prepare/bom schemas
+import launch.config  # noqa: F401  registers plan_schema
+import tokenizer.config  # noqa: F401  registers tokenizer_train/tokenizer_evaluate schemas
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
 import train.lm_eval  # noqa: F401  registers lm_eval_schema
