@@ -160,7 +160,7 @@ class PrepareRoot:
 class BomRoot:
     """Root of configs/bom.yaml: `python -m data_pipeline.bom path=PATH [json=true]`."""
 
-    path: str = "???"
+    path: str | None = None
     """A prepared data directory or its manifest.json, a run directory, or a checkpoint tag directory."""
     json: bool = False
     """Print the summary as one JSON line instead of a table."""

@@ -48,6 +48,7 @@ def test_group_options_compose(group, name):
     "config,overrides",
     [
         ("prepare", ["out=/tmp/x"]),
+        ("bom", ["path=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
         ("tokenizer_train", ["tokenizer=ko64k", "data=shared_all", "out=/tmp/x"]),
         ("tokenizer_evaluate", ["tokenizer.path=/tmp/x", "eval.files=[a.txt]"]),
@@ -66,6 +67,7 @@ def test_every_yaml_is_covered():
     covered = {
         "train",
         "prepare",
+        "bom",
         "tokenizer_train",
         "tokenizer_evaluate",
         "bench",
