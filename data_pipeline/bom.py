@@ -9,13 +9,12 @@ tokens, attribution) and, with --json, the summary as JSON. The Hydra spelling i
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import hydra
 
-from data_pipeline.cli import to_object_strict, user_errors
+from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
 from data_pipeline.config import BomRoot
 from data_pipeline.shards import MANIFEST
 
@@ -102,10 +101,7 @@ def hydra_args(args: list[str]) -> list[str]:
         takes_value = a in _HYDRA_FLAGS_WITH_VALUE
     if len(paths) > 1:
         raise ValueError(f"one PATH, got {len(paths)}: {' '.join(paths)}")
-    # Quoted, so that spaces, commas or brackets stay in the one value; Hydra unescapes only backslashes before a
-    # quote or at the end.
-    quoted = [re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), p) for p in paths]
-    return out + [f"path='{p}'" for p in quoted]
+    return out + [f"path={hydra_quote(p)}" for p in paths]
 
 
 @hydra.main(config_path="../configs", config_name="bom", version_base="1.3")

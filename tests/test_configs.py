@@ -14,6 +14,7 @@ import tokenizer.config  # noqa: F401  registers tokenizer_train/tokenizer_evalu
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
 import train.lm_eval  # noqa: F401  registers lm_eval_schema
+import train.report  # noqa: F401  registers report_schema
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -49,6 +50,7 @@ def test_group_options_compose(group, name):
     [
         ("prepare", ["out=/tmp/x"]),
         ("bom", ["path=/tmp/x"]),
+        ("report", ["runs=[/tmp/a,/tmp/b]", "out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
         ("tokenizer_train", ["tokenizer=ko64k", "data=shared_all", "out=/tmp/x"]),
         ("tokenizer_evaluate", ["tokenizer.path=/tmp/x", "eval.files=[a.txt]"]),
@@ -68,6 +70,7 @@ def test_every_yaml_is_covered():
         "train",
         "prepare",
         "bom",
+        "report",
         "tokenizer_train",
         "tokenizer_evaluate",
         "bench",
