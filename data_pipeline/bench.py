@@ -17,14 +17,19 @@ import sys
 import time
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+
+from data_pipeline.cli import to_object_strict
+from data_pipeline.prepare import prepare
+from data_pipeline.sources import _render, _template_fields, resolve_files
+from data_pipeline.text_tokenizer import load_tokenizer
+
 _BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv", "text": "text"}
 
 
 def baseline(data, tok, out: Path, num_proc: int) -> int:
     """Tokenize every source with datasets.map; returns the number of tokens (EOS included)."""
-    import datasets
-
-    from data_pipeline.sources import _render, _template_fields, resolve_files
+    import datasets  # here: the full path's trial process never loads it, so its time and RSS exclude it
 
     datasets.disable_progress_bars()
     total = 0
@@ -49,15 +54,9 @@ def baseline(data, tok, out: Path, num_proc: int) -> int:
 
 def trial(kind: str, overrides: list[str]) -> dict:
     """One measured run in this (fresh) process."""
-    from hydra import compose, initialize_config_dir
-
-    from data_pipeline.cli import to_object_strict
-    from data_pipeline.prepare import prepare
-    from tokenizer.tokenizer import Tokenizer
-
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
         root = to_object_strict(compose("prepare", overrides))
-    tok = Tokenizer.from_dir(root.tokenizer.path)
+    tok = load_tokenizer(root.tokenizer)
     out = Path(root.out) / kind
     shutil.rmtree(out, ignore_errors=True)  # no datasets cache, no reused per-file results: every trial is cold
     in_bytes = sum(os.path.getsize(p) for s in root.data.sources.values() for p in _files(s, root.data))
@@ -82,8 +81,6 @@ def trial(kind: str, overrides: list[str]) -> dict:
 
 
 def _files(src, data):
-    from data_pipeline.sources import resolve_files
-
     return resolve_files("?", src)
 
 

@@ -1,8 +1,9 @@
-"""`python -m data_pipeline.bom PATH`: what a prepared directory, a run or a checkpoint was trained on.
+"""`python -m data_pipeline.bom PATH [--json]`: what a prepared directory, a run or a checkpoint was trained on.
 
 PATH may be a prepared data directory or its manifest.json, a checkpoint tag directory (its bom.json), or a run
 directory (the latest checkpoint's bom.json, else the run's bom.json). Prints one line per source (license, docs,
-tokens, attribution) and, with --json, the summary as JSON.
+tokens, attribution) and, with --json, the summary as JSON. The Hydra spelling is `path=PATH json=true`
+(configs/bom.yaml, schema `BomRoot`); `--help` prints the usage.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+import hydra
+
+from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
+from data_pipeline.config import BomRoot
 from data_pipeline.shards import MANIFEST
+
+USAGE = "usage: python -m data_pipeline.bom PATH [--json]  (or path=PATH json=true; PATH: data, run or checkpoint dir)"
 
 
 def find_bom(path: str | Path) -> Path:
@@ -76,22 +83,49 @@ def format_summary(summary: dict, where: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    as_json = "--json" in args
-    paths = [a for a in args if a != "--json"]
-    if len(paths) != 1:
-        print("usage: python -m data_pipeline.bom [--json] PATH (data dir, run dir, or checkpoint)", file=sys.stderr)
-        return 2
+_HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
+_HYDRA_FLAGS_WITH_VALUE |= {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The documented `PATH [--json]` as the Hydra overrides `path=PATH json=true`; other arguments pass through."""
+    out, paths = [], []
+    takes_value = False
+    for a in args:
+        if a == "--json":
+            out.append("json=true")
+        elif takes_value or a.startswith("-") or "=" in a:
+            out.append(a)  # a Hydra flag (--help, --cfg job), its value, or an override
+        else:
+            paths.append(a)
+        takes_value = a in _HYDRA_FLAGS_WITH_VALUE
+    if len(paths) > 1:
+        raise ValueError(f"one PATH, got {len(paths)}: {' '.join(paths)}")
+    return out + [f"path={hydra_quote(p)}" for p in paths]
+
+
+@hydra.main(config_path="../configs", config_name="bom", version_base="1.3")
+def run_cli(cfg) -> None:
+    with user_errors():
+        root: BomRoot = to_object_strict(cfg)
+        if not root.path:
+            raise ValueError(USAGE)
+        where = find_bom(root.path)
+        try:
+            summary = bom_summary(json.loads(where.read_text()))
+        except KeyError as err:
+            raise ValueError(f"{where}: not a complete bill of materials (no {err})") from None
+    print(json.dumps(summary, ensure_ascii=False) if root.json else format_summary(summary, where))
+
+
+def main() -> None:
     try:
-        where = find_bom(paths[0])
-        summary = bom_summary(json.loads(where.read_text()))
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, ensure_ascii=False) if as_json else format_summary(summary, where))
-    return 0
+        sys.argv[1:] = hydra_args(sys.argv[1:])
+    except ValueError as err:
+        print(f"error: {err}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    run_cli()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 
 from omegaconf import DictConfig, OmegaConf
@@ -52,3 +53,11 @@ def user_errors():
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one quoted Hydra override value: spaces, commas or brackets stay in it.
+
+    Hydra unescapes only backslashes before a quote or at the end of a quoted value.
+    """
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value) + "'"

@@ -1,8 +1,11 @@
-"""Typed configuration of data sources and preparation (the `data/` Hydra group)."""
+"""Typed configuration of data sources and preparation (the `data/` Hydra group), and the root schemas of the
+data_pipeline entry points (registered by `register_configs`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+from hydra.core.config_store import ConfigStore
 
 FORMATS = ("json", "parquet", "csv", "text")
 
@@ -130,6 +133,44 @@ class DataConfig:
 
     def source_filters(self, name: str) -> FilterConfig:
         """data.filters with the source's overrides applied (validated)."""
-        from dataclasses import asdict
-
         return FilterConfig(**{**asdict(self.filters), **self.sources[name].filters})
+
+
+@dataclass
+class TokenizerRef:
+    """The tokenizer `prepare` encodes with: a trained directory, and the callable that loads it."""
+
+    path: str | None = None
+    """Directory of a trained tokenizer (`python -m tokenizer.train`)."""
+    loader: str = "tokenizer.tokenizer:Tokenizer.from_dir"
+    """`module:callable` taking `path` and returning a `TextTokenizer` (data_pipeline/text_tokenizer.py). A string
+    resolved at run time: data_pipeline sits below tokenizer/ and never imports it."""
+
+
+@dataclass
+class PrepareRoot:
+    """Root of configs/prepare.yaml: `python -m data_pipeline.prepare` (and `data_pipeline.merge`, `.bench`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
+    out: str = "???"
+
+
+@dataclass
+class BomRoot:
+    """Root of configs/bom.yaml: `python -m data_pipeline.bom path=PATH [json=true]`."""
+
+    path: str | None = None
+    """A prepared data directory or its manifest.json, a run directory, or a checkpoint tag directory."""
+    json: bool = False
+    """Print the summary as one JSON line instead of a table."""
+
+
+def register_configs() -> None:
+    """Register the data_pipeline entry points' root schemas so Hydra validates their configs against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareRoot)
+    cs.store(name="bom_schema", node=BomRoot)
+
+
+register_configs()

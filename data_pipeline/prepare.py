@@ -4,7 +4,7 @@ Two phases. (1) Per input file, in parallel processes (`data.num_workers`): read
 characters), apply the quality filters, scrub PII, compute dedup hashes and MinHash signatures, tokenize (each
 document followed by EOS); results go to OUT/work/ (`work.py`). (2) One global pass in (source, file, row) order:
 exact and near-duplicate removal across everything, the validation split (a hash of the document's stable id under
-`data.val_fraction`), mixture weights and caps, token shards and `manifest.json` (`merge.py`). Every document is
+`data.val_fraction`), mixture weights and caps, token shards and `manifest.json` (`global_pass.py`). Every document is
 counted: docs_in == docs_kept + sum(rejected). `manifest.json` is written last: its presence marks a complete
 directory, and its bytes, like the shards', do not depend on the number of workers or parts.
 
@@ -22,34 +22,19 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 
 from data_pipeline.cli import to_object_strict, user_errors
-from data_pipeline.config import DataConfig
-from data_pipeline.merge import is_validation, merge
+from data_pipeline.config import DataConfig, PrepareRoot
+from data_pipeline.global_pass import is_validation, merge
 from data_pipeline.shards import MANIFEST, token_dtype
 from data_pipeline.sources import check_licenses, resolve_files
+from data_pipeline.text_tokenizer import TextTokenizer, load_tokenizer
 from data_pipeline.work import Task, fingerprint, init_worker, process_file, result_is_current, run_task
-from tokenizer.config import TokenizerConfig
-from tokenizer.tokenizer import Tokenizer
 
 __all__ = ["PrepareRoot", "is_validation", "make_tasks", "prepare"]
-
-
-@dataclass
-class PrepareRoot:
-    """Root config of `python -m data_pipeline.prepare` (and `python -m data_pipeline.merge`)."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    out: str = "???"
-
-
-ConfigStore.instance().store(name="prepare_schema", node=PrepareRoot)
 
 
 def make_tasks(data: DataConfig) -> list[Task]:
@@ -61,14 +46,14 @@ def make_tasks(data: DataConfig) -> list[Task]:
     return tasks
 
 
-def _pending(data: DataConfig, tok: Tokenizer, tasks: list[Task], work: Path) -> list[Task]:
+def _pending(data: DataConfig, tok: TextTokenizer, tasks: list[Task], work: Path) -> list[Task]:
     """Tasks without a current result, biggest files first (so that a large file does not start last)."""
     todo = [t for t in tasks if not result_is_current(work, t, fingerprint(data, tok.sha256, t))]
     return sorted(todo, key=lambda t: -os.path.getsize(t.path))
 
 
 @contextlib.contextmanager
-def work_pool(data: DataConfig, tok: Tokenizer, todo: list[Task], dtype, work: Path, log=print):
+def work_pool(data: DataConfig, tok: TextTokenizer, todo: list[Task], dtype, work: Path, log=print):
     """Start phase 1 for `todo`; yields wait(task), which returns once that task's result is written."""
     workers = min(data.num_workers or os.cpu_count() or 1, max(1, len(todo)))
     pending = {t.index for t in todo}
@@ -99,7 +84,7 @@ def work_pool(data: DataConfig, tok: Tokenizer, todo: list[Task], dtype, work: P
             raise
 
 
-def run_work(data: DataConfig, tok: Tokenizer, tasks: list[Task], dtype, work: Path, log=print) -> int:
+def run_work(data: DataConfig, tok: TextTokenizer, tasks: list[Task], dtype, work: Path, log=print) -> int:
     """Phase 1 for the given tasks, skipping results already current; returns how many files were processed."""
     todo = _pending(data, tok, tasks, work)
     with work_pool(data, tok, todo, dtype, work, log) as wait:
@@ -108,7 +93,7 @@ def run_work(data: DataConfig, tok: Tokenizer, tasks: list[Task], dtype, work: P
     return len(todo)
 
 
-def prepare(data: DataConfig, tok: Tokenizer, tokenizer_path: str, out: str | Path, *, log=print) -> dict:
+def prepare(data: DataConfig, tok: TextTokenizer, tokenizer_path: str, out: str | Path, *, log=print) -> dict:
     """Run the pipeline and return the manifest; refuses bad licenses and missing paths before writing anything.
 
     With data.shard_index set, only that part's per-file work runs and a part summary is returned instead.
@@ -141,9 +126,7 @@ def run_cli(cfg) -> None:
         root: PrepareRoot = to_object_strict(cfg)
         if root.out == "???" or not root.out:
             raise ValueError("set out=DIR: where to write the token shards and manifest.json")
-        if not root.tokenizer.path:
-            raise ValueError("set tokenizer.path=DIR: a tokenizer trained by `python -m tokenizer.train`")
-        tok = Tokenizer.from_dir(root.tokenizer.path)
+        tok = load_tokenizer(root.tokenizer)
         start = time.time()
         result = prepare(root.data, tok, root.tokenizer.path, root.out, log=lambda m: print(m, file=sys.stderr))
     seconds = round(time.time() - start, 2)

@@ -8,7 +8,7 @@ Each input file gives one result under OUT/work/ (written atomically, `.json` la
     {stem}.jsonl  (data.write_text) the kept documents' cleaned text, in order
     {stem}.json   counts, reasons, licenses, input sha256, and the fingerprint of everything that shaped the result
 Results depend only on the file and the config, never on which process or part made them, so the global pass
-(`merge.py`) gives the same bytes for any data.num_workers or data.num_shards. A result whose fingerprint matches
+(`global_pass.py`) gives the same bytes for any data.num_workers or data.num_shards. A result whose fingerprint matches
 is reused, which is how independently run parts are merged.
 """
 
@@ -27,8 +27,9 @@ from data_pipeline.clean import clean_text, quality_reason
 from data_pipeline.config import DataConfig
 from data_pipeline.dedup import exact_key, permutations, signature
 from data_pipeline.pii import PLACEHOLDERS, scrub
+from data_pipeline.shards import file_sha256
 from data_pipeline.sources import Document, iter_file_docs
-from tokenizer.tokenizer import Tokenizer, file_sha256
+from data_pipeline.text_tokenizer import TextTokenizer
 
 WORK_FORMAT = "hangang-work-v1"
 ENCODE_BATCH = 256
@@ -73,7 +74,7 @@ def result_is_current(work: Path, task: Task, fp: str) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp
 
 
-def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work: Path, threads: int) -> dict:
+def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, work: Path, threads: int) -> dict:
     """Do the per-file work for one input file and write its result; returns the result's metadata."""
     src = data.sources[task.source]
     filters = data.source_filters(task.source)
@@ -181,7 +182,7 @@ def process_file(task: Task, data: DataConfig, tok: Tokenizer, dtype: str, work:
 _STATE: dict = {}
 
 
-def init_worker(data: DataConfig, tok: Tokenizer, dtype: str, work: Path, threads: int) -> None:
+def init_worker(data: DataConfig, tok: TextTokenizer, dtype: str, work: Path, threads: int) -> None:
     """Pool initializer: the config and tokenizer travel once per process, not once per file."""
     _STATE.update(data=data, tok=tok, dtype=dtype, work=work, threads=threads)
 

@@ -28,70 +28,22 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
-from model.config import ExecutionConfig, ModelConfig
+from launch.config import GPUS, PlanConfig
+from model.config import ModelConfig
 from model.flops import activated_params, flops_per_token
-from train.config import DeepSpeedConfig
+from model.transformer import Transformer
+from train.config import DeepSpeedConfig, move_deprecated_keys
+from train.report import find_runs, summarize
 
-# bf16 dense peak FLOP/s and memory per GPU.
-GPUS = {
-    "h100": (989e12, 80e9),
-    "h200": (989e12, 141e9),
-    "h800": (989e12, 80e9),
-    "a100": (312e12, 80e9),
-    "a100-40g": (312e12, 40e9),
-}
 CPU_ACTIVATION_FACTOR = 1.4  # measured RSS per sequence / saved-tensor bytes, model=small on the 2-core dev VM
 USABLE = 0.90  # share of GPU memory a run can plan for (allocator fragmentation, CUDA context, NCCL buffers)
-
-
-@dataclass
-class PlanConfig:
-    """Root of `configs/plan.yaml`."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    """Read: loss_impl, loss_chunk_size, activation_checkpointing (the run's `execution.*`)."""
-    # TODO(issue 12): the old spellings model.loss_impl / model.activation_checkpointing / model.moe.ep_size need the
-    # trainer's deprecation aliases (model.config.MOVED_KEYS) applied to the overrides before composition.
-    ep_size: int = 1
-    """Expert-parallel degree of the run (MoE models): routed experts split over this many ranks."""
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    gpus: int = 8
-    gpu: str = "h100"
-    """h100 | h200 | h800 | a100 | a100-40g | cpu."""
-    tokens: str = "1e12"
-    """Training tokens: a number, or with a suffix K, M, B, T (e.g. 300B)."""
-    seq_len: int = 4096
-    micro_batch_size: int | None = None
-    """Sequences per GPU per step; null = the largest that fits (with activation checkpointing if needed)."""
-    vocab_size: int = 128000
-    """Used when model.vocab_size is 0 (taken from a tokenizer at train time)."""
-    mfu: float = 0.40
-    run_dir: str | None = None
-    """A finished run: its mean measured MFU replaces `mfu`."""
-    price_per_gpu_hour: float = 2.5
-    """USD."""
-    gpu_memory_gb: float | None = None
-    """Override the memory per GPU (GB)."""
-
-    def __post_init__(self) -> None:
-        if self.gpu not in GPUS and self.gpu != "cpu":
-            raise ValueError(f"gpu={self.gpu!r}: choose one of {sorted(GPUS)} or cpu")
-        if self.gpus <= 0 or not 0 < self.mfu <= 1:
-            raise ValueError("gpus must be positive and mfu in (0, 1]")
-        if self.ep_size <= 0 or (self.model.moe.enabled and self.model.moe.n_routed_experts % self.ep_size):
-            raise ValueError(f"ep_size={self.ep_size} must be positive and divide model.moe.n_routed_experts")
-
-
-ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
 
 
 def parse_tokens(text: str) -> float:
@@ -103,8 +55,6 @@ def parse_tokens(text: str) -> float:
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact totals from the model built on the meta device (no memory), split into routed experts and the rest."""
-    from model.transformer import Transformer
-
     with torch.device("meta"):  # kernels do not change the parameters, and the planner may run where liger cannot
         model = Transformer(cfg)  # the default ExecutionConfig: pure-PyTorch kernels and loss
     total = routed = 0
@@ -186,7 +136,7 @@ def plan(cfg: PlanConfig) -> dict:
     fp32 = cfg.gpu == "cpu"
     counts = param_counts(model)
     fpt = flops_per_token(model, cfg.seq_len)
-    states = state_bytes(counts, cfg.deepspeed, model, cfg.gpus, fp32, cfg.ep_size)
+    states = state_bytes(counts, cfg.deepspeed, model, cfg.gpus, fp32, cfg.parallel.ep_size)
     fixed = sum(states.values())
     peak, mem = GPUS.get(cfg.gpu, (None, None))
     capacity = (cfg.gpu_memory_gb * 1e9 if cfg.gpu_memory_gb else mem or 0) * USABLE
@@ -199,8 +149,6 @@ def plan(cfg: PlanConfig) -> dict:
     micro = cfg.micro_batch_size or largest[mode] or largest["full"] or 1
     mfu = cfg.mfu
     if cfg.run_dir:
-        from train.report import find_runs, summarize
-
         (run,), _ = find_runs([cfg.run_dir])
         mfu = summarize(run)["mfu"]
     tokens = parse_tokens(cfg.tokens)
@@ -269,6 +217,7 @@ def render(cfg: PlanConfig, p: dict) -> str:
 @hydra.main(config_path="../configs", config_name="plan", version_base="1.3")
 def main(raw: DictConfig) -> None:
     with user_errors():
+        move_deprecated_keys(raw)
         cfg: PlanConfig = to_object_strict(raw)
         p = plan(cfg)
     print(render(cfg, p))

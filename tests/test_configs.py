@@ -6,13 +6,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import data_pipeline.prepare  # noqa: F401  registers prepare_schema
-import launch.plan  # noqa: F401  registers plan_schema
-import tokenizer.evaluate  # noqa: F401  registers tokenizer_evaluate_schema
-import tokenizer.train  # noqa: F401  registers tokenizer_train_schema
+import data_pipeline.config  # noqa: F401  registers prepare/bom schemas
+import launch.config  # noqa: F401  registers plan_schema
+import tokenizer.config  # noqa: F401  registers tokenizer_train/tokenizer_evaluate schemas
 import train.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
 import train.lm_eval  # noqa: F401  registers lm_eval_schema
+import train.report  # noqa: F401  registers report_schema
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -47,6 +47,8 @@ def test_group_options_compose(group, name):
     "config,overrides",
     [
         ("prepare", ["out=/tmp/x"]),
+        ("bom", ["path=/tmp/x"]),
+        ("report", ["runs=[/tmp/a,/tmp/b]", "out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
         ("tokenizer_train", ["tokenizer=ko64k", "data=shared_all", "out=/tmp/x"]),
         ("tokenizer_evaluate", ["tokenizer.path=/tmp/x", "eval.files=[a.txt]"]),
@@ -65,6 +67,8 @@ def test_every_yaml_is_covered():
     covered = {
         "train",
         "prepare",
+        "bom",
+        "report",
         "tokenizer_train",
         "tokenizer_evaluate",
         "bench",

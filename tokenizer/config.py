@@ -1,8 +1,14 @@
-"""Typed configuration of a tokenizer (the `tokenizer/` Hydra group)."""
+"""Typed configuration of a tokenizer (the `tokenizer/` Hydra group), and the root schemas of the tokenizer entry
+points (registered by `register_configs`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from data_pipeline.config import DataConfig
 
 MODEL_TYPES = ("bpe", "unigram")
 PRE_SEGMENTS = ("none", "kiwi")
@@ -52,3 +58,54 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.vocab_size={self.vocab_size} must be a multiple of 128 and >= 512")
         if self.pre_segment not in PRE_SEGMENTS:
             raise ValueError(f"tokenizer.pre_segment={self.pre_segment!r}: choose one of {PRE_SEGMENTS}")
+
+
+@dataclass
+class TokenizerTrainRoot:
+    """Root schema of configs/tokenizer_train.yaml."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = MISSING
+    """Output directory of the trained tokenizer."""
+
+
+DEFAULT_REFERENCES = [
+    "../shared/reference_tokenizers/polyglot-ko",
+    "pkg:mistral_common/data/tekken_240911.json",
+    "pkg:mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",
+]
+
+
+@dataclass
+class TokenizerEvalConfig:
+    """What `python -m tokenizer.evaluate` measures."""
+
+    files: list[str] = field(default_factory=list)
+    """Text files (.txt: documents split at blank lines; .jsonl / .parquet: a "text" field per row)."""
+    references: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCES))
+    """Reference tokenizers to measure next to ours (missing ones are skipped)."""
+    max_chars: int = 2_000_000
+    """Characters read per file (whole documents, the last one cut)."""
+    speed: bool = True
+    """Measure encode throughput (one thread, all cores)."""
+    out: str | None = None
+    """Also write the JSON result here."""
+
+
+@dataclass
+class TokenizerEvalRoot:
+    """Root schema of configs/tokenizer_evaluate.yaml."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
+
+
+def register_configs() -> None:
+    """Register the tokenizer entry points' root schemas so Hydra validates their configs against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="tokenizer_train_schema", node=TokenizerTrainRoot)
+    cs.store(name="tokenizer_evaluate_schema", node=TokenizerEvalRoot)
+
+
+register_configs()

@@ -22,47 +22,16 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
+import sentencepiece as spm
 from omegaconf import DictConfig
 
-from tokenizer.config import TokenizerConfig
-
-DEFAULT_REFERENCES = [
-    "../shared/reference_tokenizers/polyglot-ko",
-    "pkg:mistral_common/data/tekken_240911.json",
-    "pkg:mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",
-]
-
-
-@dataclass
-class TokenizerEvalConfig:
-    """What `python -m tokenizer.evaluate` measures."""
-
-    files: list[str] = field(default_factory=list)
-    """Text files (.txt: documents split at blank lines; .jsonl / .parquet: a "text" field per row)."""
-    references: list[str] = field(default_factory=lambda: list(DEFAULT_REFERENCES))
-    """Reference tokenizers to measure next to ours (missing ones are skipped)."""
-    max_chars: int = 2_000_000
-    """Characters read per file (whole documents, the last one cut)."""
-    speed: bool = True
-    """Measure encode throughput (one thread, all cores)."""
-    out: str | None = None
-    """Also write the JSON result here."""
-
-
-@dataclass
-class TokenizerEvalRoot:
-    """Root schema of configs/tokenizer_evaluate.yaml."""
-
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
-
-
-ConfigStore.instance().store(name="tokenizer_evaluate_schema", node=TokenizerEvalRoot)
+from data_pipeline.cli import to_object_strict, user_errors
+from tokenizer.config import TokenizerEvalConfig, TokenizerEvalRoot
+from tokenizer.tokenizer import Tokenizer
 
 
 @dataclass
@@ -78,8 +47,6 @@ class Encoder:
 
 def ours(path: str | Path) -> Encoder:
     """The project's tokenizer (tokenizer.model) behind its own encode path."""
-    from tokenizer.tokenizer import Tokenizer
-
     tok = Tokenizer.from_dir(path)
     return Encoder(
         f"ours ({Path(path).name})", lambda t, n: tok.encode_batch(t, num_threads=n), tok.decode, tok.vocab_size
@@ -102,8 +69,6 @@ def hf_fast(path: str | Path, name: str | None = None) -> Encoder:
 
 
 def _sentencepiece(path: Path) -> Encoder:
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(path))
     cores = os.cpu_count() or 1
     return Encoder(
@@ -231,8 +196,6 @@ def evaluate(tokenizer_path: str, cfg: TokenizerEvalConfig) -> dict[str, dict[st
 
 @hydra.main(config_path="../configs", config_name="tokenizer_evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from data_pipeline.cli import to_object_strict, user_errors
-
     with user_errors():
         root: TokenizerEvalRoot = to_object_strict(cfg)
         if not root.tokenizer.path:

@@ -11,6 +11,7 @@ from pathlib import Path
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from tokenizer.config import TokenizerConfig
+from tokenizer.evaluate import measure, ours
 from tokenizer.hf import SPACE, load_model_proto
 from tokenizer.tokenizer import normalize
 
@@ -70,8 +71,6 @@ def build_report(
     train_seconds: float,
 ) -> dict:
     """Evaluate the tokenizer in out_dir on held-out text per source and write out_dir/report.json."""
-    from tokenizer.evaluate import measure, ours
-
     enc = ours(out_dir)
     scores = {name: measure(enc, [normalize(d) for d in docs], speed=False) for name, docs in held_out.items()}
     by_language: dict[str, float] = {}

@@ -10,7 +10,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from data_pipeline.config import DataConfig
+from data_pipeline.sources import iter_source
 
 HELD_OUT_EVERY = 20
 """Every 20th document of a training source (by position in the source) is held out for evaluation."""
@@ -52,8 +55,6 @@ def is_held_out(index: int) -> bool:
 
 def source_texts(data: DataConfig, name: str) -> Iterator[tuple[int, str]]:
     """(document number, text) of one source's non-empty documents, in file order (data.max_docs_per_source)."""
-    from data_pipeline.sources import iter_source
-
     index = 0
     for doc in iter_source(name, data.sources[name], data.max_docs_per_source):
         if doc is not None and doc.text.strip():
@@ -63,8 +64,6 @@ def source_texts(data: DataConfig, name: str) -> Iterator[tuple[int, str]]:
 
 def training_texts(data: DataConfig, split: Split, *, progress: bool = True) -> Iterator[str]:
     """Each training source's documents (held-out ones skipped) until its budget; the last one is cut to fit."""
-    from tqdm import tqdm
-
     bar = tqdm(
         total=sum(split.budgets.values()),
         unit="char",

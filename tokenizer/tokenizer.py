@@ -38,15 +38,6 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Tokenizer:
     """A trained tokenizer.model; `encode` NFC-normalizes and adds no bos/eos, so decode(encode(x)) == NFC(x).
 

@@ -17,18 +17,21 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import sentencepiece as spm
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+from data_pipeline.cli import to_object_strict, user_errors
 from data_pipeline.config import DataConfig
-from tokenizer.config import TokenizerConfig
+from data_pipeline.sources import check_licenses
+from tokenizer.config import TokenizerConfig, TokenizerTrainRoot
 from tokenizer.hf import write_hf_files
+from tokenizer.morph import MorphemeCutter
+from tokenizer.report import build_report
+from tokenizer.sampling import held_out_texts, plan, training_texts
 from tokenizer.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -42,19 +45,6 @@ from tokenizer.tokenizer import (
 
 MAX_TRAINING_LINES = 5_000_000
 """SentencePiece samples at most this many lines (shuffled), bounding trainer memory and time."""
-
-
-@dataclass
-class TokenizerTrainRoot:
-    """Root schema of configs/tokenizer_train.yaml."""
-
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    out: str = MISSING
-    """Output directory of the trained tokenizer."""
-
-
-ConfigStore.instance().store(name="tokenizer_train_schema", node=TokenizerTrainRoot)
 
 
 def _log(msg: str) -> None:
@@ -141,8 +131,6 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
         with open(corpus, "w", encoding="utf-8") as f:
             cutter = None
             if cfg.pre_segment == "kiwi":
-                from tokenizer.morph import MorphemeCutter
-
                 cutter = MorphemeCutter(cfg.num_threads)
             for line in training_lines(texts, cfg.max_chars, cfg.max_sentence_length, cutter):
                 f.write(line + "\n")
@@ -207,9 +195,6 @@ def _train_sentencepiece(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> No
 
 @hydra.main(config_path="../configs", config_name="tokenizer_train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    # Imported here: data_pipeline imports tokenizer, so a module-level import could become a cycle.
-    from data_pipeline.cli import to_object_strict, user_errors
-
     with user_errors():
         root: TokenizerTrainRoot = to_object_strict(cfg)  # builds the dataclasses, running their checks
         train_from_data(root.tokenizer, root.data, root.out)
@@ -217,10 +202,6 @@ def main(cfg: DictConfig) -> None:
 
 def train_from_data(cfg: TokenizerConfig, data: DataConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train on the data config's sources (sampled by weight, held-out text kept out); write report.json too."""
-    from data_pipeline.sources import check_licenses
-    from tokenizer.report import build_report
-    from tokenizer.sampling import held_out_texts, plan, training_texts
-
     check_licenses(data)
     split = plan(data, cfg.max_chars, cfg.held_out_sources)
     _log(f"character budget per source: {split.budgets}; never trained on: {split.held_out_sources or 'none'}")

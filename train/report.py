@@ -1,5 +1,7 @@
 """`python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR`: compare runs offline, from their run directories.
 
+The Hydra spelling is `runs=[DIR1,DIR2] out=REPORT_DIR` (configs/report.yaml, schema `ReportRoot`).
+
 Writes REPORT_DIR/report.md (a table per run: the settings that differ, final and best validation loss, per-source
 validation loss, tokens seen, tokens/s, MFU, peak memory, wall time, downstream scores), loss curves of all runs
 overlaid by step and by tokens (loss_by_step.png, loss_by_tokens.png), and a note when runs are not comparable
@@ -14,7 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hydra
 import yaml
+from hydra.core.config_store import ConfigStore
+
+from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
 
 IGNORED_PREFIXES = ("run.", "logging.", "checkpoint.", "tokenizer.path", "data.path", "train.eval_")
 
@@ -192,16 +198,42 @@ def write_report(paths: list[str], out: str | Path) -> Path:
     return out / "report.md"
 
 
-def main(argv: list[str]) -> None:
-    from data_pipeline.cli import user_errors
+USAGE = "usage: python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR  (or runs=[DIR,...] out=REPORT_DIR)"
 
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
-    dirs = [a for a in argv if not a.startswith("out=")]
+
+@dataclass
+class ReportRoot:
+    """Root of configs/report.yaml."""
+
+    runs: list[str] = field(default_factory=list)
+    """Run directories, or sweep directories holding them."""
+    out: str | None = None
+    """Where report.md and the loss-curve PNGs go."""
+
+
+ConfigStore.instance().store(name="report_schema", node=ReportRoot)
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The documented `DIR... out=REPORT_DIR` as Hydra overrides (`runs=[DIR,...]`); other arguments pass through."""
+    dirs = [a for a in args if not a.startswith("-") and "=" not in a]
+    rest = [a for a in args if a not in dirs]
+    return rest + ([f"runs=[{','.join(map(hydra_quote, dirs))}]"] if dirs else [])
+
+
+@hydra.main(config_path="../configs", config_name="report", version_base="1.3")
+def run_cli(cfg) -> None:
     with user_errors():
-        if not outs or not dirs:
-            raise ValueError("usage: python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR")
-        print(write_report(dirs, outs[-1]))
+        root: ReportRoot = to_object_strict(cfg)
+        if not root.out or not root.runs:
+            raise ValueError(USAGE)
+        print(write_report(root.runs, root.out))
+
+
+def main() -> None:
+    sys.argv[1:] = hydra_args(sys.argv[1:])
+    run_cli()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.bom import bom_summary, find_bom
+from data_pipeline.bom import bom_summary, find_bom, hydra_args
 from data_pipeline.shards import read_manifest
 from tests.helpers import run_module
 
@@ -39,3 +39,25 @@ def test_bom_cli_prints_sources_licenses_and_tokens(trained_run, tiny_data):
     assert as_json["train_tokens"] == manifest["splits"]["train"]["tokens"]
     proc = run_module("data_pipeline.bom", str(tiny_data / "nope"), check=False)
     assert proc.returncode == 2 and "no bill of materials" in proc.stderr
+
+
+def test_bom_cli_hydra_spelling_legacy_spelling_and_help(tiny_data, tmp_path):
+    manifest = read_manifest(tiny_data)
+    for args in ([f"path={tiny_data}", "json=true"], ["--json", str(tiny_data)], [str(tiny_data), "--json"]):
+        as_json = json.loads(run_module("data_pipeline.bom", *args).stdout)
+        assert as_json["train_tokens"] == manifest["splits"]["train"]["tokens"], args
+    odd = tmp_path / "a b,c[d]'s"
+    odd.mkdir()
+    (odd / "manifest.json").write_text((tiny_data / "manifest.json").read_text())
+    assert "train tokens" in run_module("data_pipeline.bom", str(odd)).stdout
+    help_text = run_module("data_pipeline.bom", "--help").stdout
+    assert "python -m data_pipeline.bom PATH [--json]" in help_text and "no bill of materials" not in help_text
+    for args in ([], ["a", "b"]):
+        proc = run_module("data_pipeline.bom", *args, check=False)
+        assert proc.returncode == 2 and "usage: python -m data_pipeline.bom" in proc.stderr, args
+        assert "Traceback" not in proc.stderr
+
+
+def test_hydra_args_translate_the_documented_spelling():
+    assert hydra_args(["runs/x", "--json"]) == ["json=true", "path='runs/x'"]
+    assert hydra_args(["path=runs/x", "--cfg", "job"]) == ["path=runs/x", "--cfg", "job"]

@@ -10,6 +10,7 @@ import pytest
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import TokenStream, read_manifest
 from data_pipeline.sources import LicenseError
+from data_pipeline.text_tokenizer import TextTokenizer
 from tests.helpers import run_module, sample_data_config
 from tokenizer.tokenizer import Tokenizer
 
@@ -84,3 +85,20 @@ def test_cli_writes_manifest(tiny_tokenizer, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["tokens"]["train"] > 0
     assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_project_tokenizer_satisfies_the_protocol(tiny_tokenizer):
+    assert isinstance(Tokenizer.from_dir(tiny_tokenizer), TextTokenizer)
+
+
+def test_cli_loader_not_returning_a_tokenizer_is_one_clear_error(tiny_tokenizer, tmp_path):
+    proc = run_module(
+        "data_pipeline.prepare",
+        f"tokenizer.path={tiny_tokenizer}",
+        "tokenizer.loader=pathlib:Path",
+        f"out={tmp_path / 'out'}",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "which lacks one of vocab_size, eos_id, sha256, encode_batch" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -17,8 +17,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import normalizers
 
+from data_pipeline.shards import file_sha256
 from tokenizer.config import TokenizerConfig
-from tokenizer.tokenizer import Tokenizer, file_sha256, normalize
+from tokenizer.tokenizer import Tokenizer, normalize
 from tokenizer.train import TokenizerTrainRoot, split_line, train_tokenizer, training_lines
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
