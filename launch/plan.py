@@ -36,11 +36,11 @@ from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
 from launch.config import GPUS, PlanConfig
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig
 from model.flops import activated_params, flops_per_token
 from model.transformer import Transformer
 from train.config import DeepSpeedConfig, move_deprecated_keys
-from train.report import find_runs, summarize
+from train.tools.report import find_runs, summarize
 
 CPU_ACTIVATION_FACTOR = 1.4  # measured RSS per sequence / saved-tensor bytes, model=small on the 2-core dev VM
 USABLE = 0.90  # share of GPU memory a run can plan for (allocator fragmentation, CUDA context, NCCL buffers)

@@ -19,7 +19,9 @@ from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import resolve_device
+from train.checkpoint.weights import load_model
 from train.config import EvaluateConfig
+from train.tools.run_dir import run_config, run_tokenizer
 
 
 @torch.no_grad()
@@ -45,8 +47,6 @@ def score_ids(model, ids: list[int], seq_len: int, batch_size: int, device: torc
 
 
 def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_size: int, device: str) -> dict:
-    from train.checkpoint import load_model
-    from train.run_dir import run_config, run_tokenizer
 
     missing = [f for f in files if not Path(f).is_file()]
     if not files or missing:

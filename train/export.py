@@ -15,16 +15,16 @@ import hydra
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
+from model.config import ModelConfig
+from model.hf import hf_architecture, save_hf_model
+from train.checkpoint.weights import load_full_weights
 from train.config import ExportConfig
+from train.tools.run_dir import run_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def export(run_dir: str, out: str, tag: str | None = None) -> dict:
-    from model.config import ModelConfig
-    from train.checkpoint import load_full_weights
-    from train.hf_export import hf_architecture, save_hf_model
-    from train.run_dir import run_tokenizer
 
     state, meta = load_full_weights(Path(run_dir), tag)
     tok, tok_dir = run_tokenizer(run_dir, meta)

@@ -229,7 +229,7 @@ def _fp8_ready() -> bool:
 @pytest.mark.skipif(not _fp8_ready(), reason="needs torchao and an FP8 GPU (sm_89+)")
 def test_fp8_loss_stays_within_half_a_percent_of_bf16_on_gpu():
     """Issue 8: FP8 (torchao float8, tensorwise) training losses over the first steps within 0.5% of BF16."""
-    from train.optimize import optimize_model
+    from train.engine.optimize import optimize_model
 
     cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=768)
     g = torch.Generator().manual_seed(0)

@@ -182,7 +182,7 @@ def test_kiwi_pre_segmentation(tmp_path):
 def test_resume_with_another_tokenizer_is_refused(tmp_path):
     # Issue 3, point 7: a run records its tokenizer's hash and refuses to resume with another one.
     from model.config import ModelConfig
-    from train.checkpoint import check_compatible, model_meta
+    from train.checkpoint.compat import check_compatible, model_meta
 
     model = ModelConfig()
     meta = model_meta(model, "a" * 64)

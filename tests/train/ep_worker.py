@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 def check_layer() -> None:
     from model.moe import Experts
-    from train.expert_parallel import AllToAllDispatcher
+    from train.engine.expert_parallel import AllToAllDispatcher
 
     rank = dist.get_rank()
     group = dist.new_group([0, 1])
@@ -66,10 +66,11 @@ def compare(full, shard, case: str) -> None:
 
 def check_skewed_zero3() -> None:
     from model.config import ModelConfig, MoEConfig
-    from train.build import build_model
+    from train.trainer.build import build_model
     from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
-    from train.engine import Dist, build_engine
-    from train.layout import make_layout
+    from train.engine.distributed import Dist
+from train.engine.deepspeed_engine import build_engine
+    from train.trainer.layout import make_layout
 
     moe = MoEConfig(enabled=True, n_routed_experts=8, top_k=2, ffn_hidden=16, n_group=2, topk_group=2, ep_size=2)
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64, moe=moe)

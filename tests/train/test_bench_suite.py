@@ -13,8 +13,8 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Block, Transformer
-from train.bench_suite import markers, search_max, write_table
-from train.optimize import check_fp8, compile_blocks
+from train.tools.bench_suite import markers, search_max, write_table
+from train.engine.optimize import check_fp8, compile_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,8 +92,8 @@ def test_fp8_without_gpu_or_torchao_is_a_clear_error():
 
 def test_overlap_settings_reach_the_deepspeed_config():
     from train.config import DeepSpeedConfig, OptimConfig
-    from train.engine import deepspeed_config
-    from train.layout import make_layout
+    from train.engine.deepspeed_engine import deepspeed_config
+    from train.trainer.layout import make_layout
 
     ds = DeepSpeedConfig(overlap_comm=True, contiguous_gradients=False, reduce_bucket_size=123, allgather_bucket_size=7)
     out = deepspeed_config(ds, OptimConfig(), make_layout(8192, 256, 8, 2), torch.bfloat16)["zero_optimization"]
@@ -106,9 +106,9 @@ def test_shipped_suites_compose(suite):
     """Every variant of every shipped suite is a valid `python -m train.bench` command line."""
     from hydra import compose, initialize_config_dir
 
-    import train.bench  # noqa: F401  (registers bench_schema)
+    import train.tools.bench  # noqa: F401  (registers bench_schema)
     from data_pipeline.cli import to_object_strict
-    from train.bench_suite import load_suite
+    from train.tools.bench_suite import load_suite
 
     common, variants = load_suite(str(suite))
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

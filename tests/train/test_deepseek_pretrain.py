@@ -49,7 +49,7 @@ def test_moe_mla_mtp_trains_identically_under_zero_0_to_3(ds_runs):
 
 
 def _bias(run_dir: Path) -> torch.Tensor:
-    from train.checkpoint import load_full_weights
+    from train.checkpoint.weights import load_full_weights
 
     state, _ = load_full_weights(run_dir)
     return torch.stack([v for k, v in sorted(state.items()) if k.endswith("e_score_correction_bias")])
@@ -79,7 +79,7 @@ def test_resume_with_other_expert_count_is_refused(ds_runs, tiny_tokenizer, tiny
 
 
 def test_export_of_trained_run_matches_logits(ds_runs, tmp_path):
-    from train.checkpoint import load_model
+    from train.checkpoint.weights import load_model
 
     out = tmp_path / "hf"
     proc = run_module("train.export", f"run.dir={ds_runs[3]}", f"out={out}")
@@ -107,7 +107,7 @@ def ep_runs(tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
 
 
 def test_expert_parallel_trains_like_ep1(ds_runs, ep_runs):
-    from train.checkpoint import load_full_weights
+    from train.checkpoint.weights import load_full_weights
 
     for stage, run in ep_runs.items():
         ref, ep = rows(ds_runs[stage]), rows(run)

@@ -41,7 +41,7 @@ def test_doc_masking_errors(tiny_tokenizer, tiny_data, tmp_path):
 def test_bench_plants_documents():
     """bench.doc_len plants eos tokens, so doc masking changes the first loss of the same weights and batch."""
     from model.config import ModelConfig
-    from train.bench import BenchConfig, BenchRoot, run
+    from train.tools.bench import BenchConfig, BenchRoot, run
 
     bench = BenchConfig(seq_len=64, micro_batch_size=2, steps=1, warmup=0, peer=False, doc_len=8, device="cpu")
     first = {}

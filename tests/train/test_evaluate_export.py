@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import REPO, run_module
 from tokenizer.tokenizer import Tokenizer
-from train.checkpoint import load_model
+from train.checkpoint.weights import load_model
 
 TEXTS = [
     "대한민국 헌법 제1조 ① 대한민국은 민주공화국이다.",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import run_module
-from train.expert_parallel import check_ep_size
+from train.trainer.layout import check_ep_size
 
 
 def ep_worker(case: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import losses, run_module, torchrun_pretrain, train_args
-from train.faults import NumericGuard
+from train.callbacks.stability import NumericGuard
 
 
 def rows(run_dir) -> list[dict]:

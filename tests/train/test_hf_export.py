@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.hf_export import hf_llama_config, save_hf_model, to_hf_state_dict
+from model.hf import hf_llama_config, save_hf_model, to_hf_state_dict
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
 

@@ -12,7 +12,7 @@ from model.config import MoEConfig, MTPConfig
 from model.transformer import Transformer
 from tests.helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.model.test_deepseek import ds_cfg
-from train.hf_export import hf_deepseek_config, save_hf_model, to_hf_state_dict
+from model.hf import hf_deepseek_config, save_hf_model, to_hf_state_dict
 
 
 def train_a_little(model: Transformer, steps: int = 5) -> None:

@@ -40,8 +40,6 @@ class PreemptionHandler:
         return None if self.received_at is None else time.monotonic() - self.received_at
 
 
-
-
 class Preemption(Callback):
     """After each step, agree across ranks whether a preemption signal arrived; if so the trainer saves and stops."""
 

@@ -80,8 +80,6 @@ class NumericGuard:
         self.bad_positions = [int(p) for p in state["bad_positions"]]
 
 
-
-
 class StabilityGuard(Callback):
     """Vetoes updates the NumericGuard rejects, counts skips, and rolls the run back after `max_consecutive`
     spikes in a row (periodic saves wait while spikes are being skipped: the weights may be what is wrong)."""
@@ -103,8 +101,12 @@ class StabilityGuard(Callback):
         if result.skipped is not None:
             metrics["skipped"] = result.skipped
             if self.trainer.d.is_main:
-                print(f"[faults] step {result.step}: {result.skipped} loss {result.loss:.4g} (grad norm "
-                      f"{metrics.get('grad_norm', math.nan):.4g}), update skipped", file=sys.stderr, flush=True)
+                print(
+                    f"[faults] step {result.step}: {result.skipped} loss {result.loss:.4g} (grad norm "
+                    f"{metrics.get('grad_norm', math.nan):.4g}), update skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def step_end(self, step: int) -> None:
         if self.trainer.last_skipped == "spike" and self.guard.rollback_due:

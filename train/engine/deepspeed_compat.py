@@ -3,16 +3,15 @@
 Checked on DeepSpeed 0.19.8 (setup.py bounds deepspeed to >=0.19.8,<0.20). Each workaround names the upstream
 behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudly when a release changes it.
 
-| workaround                     | upstream behaviour relied on / worked around                                        |
-|--------------------------------|--------------------------------------------------------------------------------------|
-| create_expert_groups           | private `deepspeed.utils.groups._create_expert_and_data_parallel` and the group dicts |
-| expert_parallel_marker         | the engine runs its MoE paths only when the model holds a `deepspeed.moe.layer.MoE`  |
-| place_zero3_expert_param       | ZeRO-3 reads per-parameter `ds_zero_partition_process_group` (its AutoEP placement)  |
-| gate_optimizer_step            | LR schedulers wrap `optimizer.step` and mark it `_wrapped_by_lr_sched`               |
-| count_checkpoint_writes        | every file of `save_checkpoint` goes through `engine.checkpoint_engine.save`         |
-| weights_only_loading           | DeepSpeed calls `torch.load` without `weights_only`; torch honours the env override  |
-| complete_universal_folder      | `ds_to_universal` writes the model-state file under one name and no ZeRO-3 opt state |
-| fix_zero3_universal_load       | ZeRO-3's universal load gives all groups group 0's hyperparameters and one step      |
+- create_expert_groups: private `deepspeed.utils.groups._create_expert_and_data_parallel` and its group dicts.
+- expert_parallel_marker: the engine runs its MoE code paths only when the model holds a `deepspeed.moe.layer.MoE`.
+- place_zero3_expert_param: ZeRO-3 reads a per-parameter `ds_zero_partition_process_group` (its AutoEP placement).
+- gate_optimizer_step: torch LR schedulers wrap `optimizer.step` once and mark it `_wrapped_by_lr_sched`.
+- count_checkpoint_writes: every file of `save_checkpoint` goes through `engine.checkpoint_engine.save`.
+- weights_only_loading: DeepSpeed calls `torch.load` without `weights_only`; torch honours an environment override.
+- complete_universal_folder: `ds_to_universal` writes the model-state file under one name and no ZeRO-3 optimizer
+  state.
+- fix_zero3_universal_load: ZeRO-3's universal load gives every group group 0's hyperparameters and one shared step.
 """
 
 from __future__ import annotations

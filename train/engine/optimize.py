@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from model.accelerator import fp8_supported
+from model.transformer import Block
 
 FP8_MISSING = (
     "train.fp8=true needs torchao (float8 training): `pip install torchao` on a CUDA machine with an FP8 GPU "
@@ -45,7 +46,6 @@ def convert_fp8(model: nn.Module) -> nn.Module:
 def compile_blocks(model: nn.Module) -> nn.Module:
     """torch.compile every decoder block (and MTP block) in place: one compiled graph reused across layers, names and
     state dicts unchanged, so DeepSpeed and checkpoints see the same module."""
-    from model.transformer import Block
 
     for module in model.modules():
         if isinstance(module, Block):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from model.accelerator import device_count
+
 SWEEP_CONTROLLED = ("run.dir", "logging.wandb.group", "logging.wandb.tags")
 
 
@@ -58,8 +60,6 @@ def last_error(log: str) -> str:
 def run_sweep_job(raw: DictConfig) -> dict:
     """Run this multirun job as a torchrun subprocess; record and print the outcome, never raise on failure."""
     from hydra.core.hydra_config import HydraConfig
-
-    from model.accelerator import device_count
 
     hc = HydraConfig.get()
     job_dir, sweep_dir = Path(hc.runtime.output_dir), Path(hc.sweep.dir)

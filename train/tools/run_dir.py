@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tokenizer.tokenizer import Tokenizer
+
 
 def run_config(run_dir: str | Path) -> dict:
     """RUN_DIR/config.yaml as a plain dict, with a clear error when run.dir is not a run."""
@@ -17,7 +19,6 @@ def run_config(run_dir: str | Path) -> dict:
 
 def run_tokenizer(run_dir: str | Path, meta: dict):
     """The run's tokenizer, refusing one whose hash differs from what the checkpoint was trained with."""
-    from tokenizer.tokenizer import Tokenizer
 
     path = run_config(run_dir)["tokenizer"]["path"]
     tok = Tokenizer.from_dir(path)

@@ -1,0 +1,125 @@
+"""`python -m train.lm_eval run.dir=DIR tasks=[ko_nsmc_sentiment]`: lm-evaluation-harness on a run's export, offline.
+
+Exports the run's latest checkpoint to RUN_DIR/hf (unless present and current), evaluates it with
+lm-evaluation-harness through transformers, and writes RUN_DIR/lm_eval.json ({task: {"score", "metric", "metrics",
+"n"}}), which `train.report` shows. Tasks shipped with the repo (train/lm_eval_tasks/*.yaml, data under data/eval/)
+are found by name; any harness task whose data is available locally works too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from data_pipeline.cli import to_object_strict, user_errors
+from model.accelerator import device_type
+from train.checkpoint import latest_tag
+from train.config import RunConfig
+from train.export import export
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+EVAL_DATA = REPO / "data" / "eval"
+
+
+@dataclass
+class LmEvalConfig:
+    """Root of `configs/lm_eval.yaml`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    tasks: list[str] = field(default_factory=lambda: ["ko_nsmc_sentiment"])
+    num_fewshot: int = 0
+    limit: int | None = None
+    """Examples per task (null = all)."""
+    batch_size: int = 16
+    device: str = "auto"
+
+
+ConfigStore.instance().store(name="lm_eval_schema", node=LmEvalConfig)
+
+
+def shipped_tasks(out_dir: Path) -> Path:
+    """Copy the repo's task YAMLs with their data paths made absolute (the harness resolves them from cwd)."""
+    for src in TASKS_DIR.glob("*.yaml"):
+        (out_dir / src.name).write_text(src.read_text().replace("DATA_DIR", str(EVAL_DATA)))
+    return out_dir
+
+
+def ensure_export(run_dir: Path) -> Path:
+    """RUN_DIR/hf, re-exported when it is missing or older than the latest checkpoint."""
+
+    hf = run_dir / "hf"
+    tag = latest_tag(run_dir / "checkpoints")
+    info = hf / "hangang_export.json"
+    if not info.is_file() or json.loads(info.read_text()).get("tag") != tag:
+        export(str(run_dir), str(hf))
+    return hf
+
+
+def run_lm_eval(cfg: LmEvalConfig) -> dict:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    run_dir = Path(cfg.run.dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): fix run.dir")
+    hf = ensure_export(run_dir)
+    device = device_type() if cfg.device == "auto" else cfg.device
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(shipped_tasks(Path(tmp))))
+        unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ValueError(
+                f"unknown lm-eval task(s) {unknown}: shipped tasks are {[p.stem for p in TASKS_DIR.glob('*.yaml')]}"
+            )
+        results = simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={hf},dtype=float32",
+            tasks=list(cfg.tasks),
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            batch_size=cfg.batch_size,
+            device=device,
+            task_manager=manager,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+        )
+    out = {}
+    for task, metrics in results["results"].items():
+        clean = {
+            k.split(",")[0]: v
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"
+        }
+        main = "acc" if "acc" in clean else next(iter(clean), None)
+        out[task] = {
+            "score": clean.get(main),
+            "metric": main,
+            "metrics": clean,
+            "n": results["n-samples"][task]["effective"],
+        }
+    (run_dir / "lm_eval.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    return out
+
+
+@hydra.main(config_path="../../configs", config_name="lm_eval", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    with user_errors():
+        cfg: LmEvalConfig = to_object_strict(raw)
+        print(json.dumps(run_lm_eval(cfg), ensure_ascii=False))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

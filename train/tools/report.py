@@ -1,0 +1,239 @@
+"""`python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR`: compare runs offline, from their run directories.
+
+The Hydra spelling is `runs=[DIR1,DIR2] out=REPORT_DIR` (configs/report.yaml, schema `ReportRoot`).
+
+Writes REPORT_DIR/report.md (a table per run: the settings that differ, final and best validation loss, per-source
+validation loss, tokens seen, tokens/s, MFU, peak memory, wall time, downstream scores), loss curves of all runs
+overlaid by step and by tokens (loss_by_step.png, loss_by_tokens.png), and a note when runs are not comparable
+(different data, tokenizer or token budget). Failed sweep jobs are listed with their error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.config_store import ConfigStore
+
+from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
+
+IGNORED_PREFIXES = ("run.", "logging.", "checkpoint.", "tokenizer.path", "data.path", "train.eval_")
+
+
+@dataclass
+class Run:
+    """One run directory: its resolved config (flattened) and its metrics."""
+
+    path: Path
+    config: dict
+    rows: list[dict]
+    downstream: dict = field(default_factory=dict)
+
+    @property
+    def train_rows(self) -> list[dict]:
+        return [r for r in self.rows if "loss" in r]
+
+    @property
+    def val_rows(self) -> list[dict]:
+        return [r for r in self.rows if r.get("val_loss") is not None]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows by step (evaluation-only rows first); a step logged twice (after a resume) keeps its
+    last line."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    dedup = {(r["step"], "loss" in r): r for r in rows}
+    return sorted(dedup.values(), key=lambda r: (r["step"], "loss" in r))
+
+
+def find_runs(paths: list[str]) -> tuple[list[Run], list[dict]]:
+    """Run directories under the given paths (a run, or a sweep holding runs), and failed sweep jobs."""
+    runs, failed = [], []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist: pass run or sweep directories")
+        for metrics in sorted([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl")):
+            d = metrics.parent
+            if (d / "config.yaml").is_file():
+                lm = d / "lm_eval.json"
+                runs.append(
+                    Run(
+                        d,
+                        flatten(yaml.safe_load((d / "config.yaml").read_text())),
+                        read_metrics(d),
+                        json.loads(lm.read_text()) if lm.is_file() else {},
+                    )
+                )
+        for summary in [p / "sweep_summary.jsonl"] if (p / "sweep_summary.jsonl").is_file() else []:
+            failed += [r for r in map(json.loads, summary.read_text().splitlines()) if r["status"] != "ok"]
+    if not runs:
+        raise FileNotFoundError(f"no run directories (config.yaml + metrics.jsonl) under {paths}")
+    return runs, failed
+
+
+def differing(runs: list[Run]) -> list[str]:
+    """Config keys whose values differ between runs (what the ablation varied)."""
+    keys = sorted({k for r in runs for k in r.config if not k.startswith(IGNORED_PREFIXES)})
+    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def _identity(run: Run) -> dict:
+    """What must match for runs to be comparable: data, tokenizer, token budget."""
+    out = {"token budget": run.config.get("train.max_steps", 0) * run.config.get("train.global_batch_tokens", 0)}
+    for key, name in (("data.path", "data"), ("tokenizer.path", "tokenizer")):
+        path = Path(str(run.config.get(key)))
+        target = path / ("manifest.json" if name == "data" else "tokenizer.model")
+        out[name] = hashlib.sha256(target.read_bytes()).hexdigest()[:12] if target.is_file() else str(path)
+    return out
+
+
+def comparability_notes(runs: list[Run]) -> list[str]:
+    ids = [_identity(r) for r in runs]
+    notes = []
+    for what in ("data", "tokenizer", "token budget"):
+        values = {i[what] for i in ids}
+        if len(values) > 1:
+            notes.append(f"Runs are not comparable: they differ in {what} ({', '.join(map(str, sorted(values)))}).")
+    return notes
+
+
+def summarize(run: Run) -> dict:
+    train, val = run.train_rows, run.val_rows
+    rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+    mfus = [r["mfu"] for r in train[1:]] or [r["mfu"] for r in train]
+    per_source = {k.split("/", 1)[1]: v for k, v in (val[-1] if val else {}).items() if k.startswith("val_loss/")}
+    return {
+        "final_val": val[-1]["val_loss"] if val else None,
+        "best_val": min(r["val_loss"] for r in val) if val else None,
+        "per_source": per_source,
+        "tokens": train[-1]["tokens"] if train else 0,
+        "tokens_per_s": sum(rates) / len(rates) if rates else None,
+        "mfu": sum(mfus) / len(mfus) if mfus else None,
+        "peak_mem_gb": max((r.get("peak_mem_gb", 0) for r in train), default=None),
+        "wall_s": max((r["elapsed_s"] for r in run.rows if "elapsed_s" in r), default=None),
+    }
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def label(run: Run, keys: list[str]) -> str:
+    return ", ".join(f"{k}={run.config.get(k)}" for k in keys) or run.path.name
+
+
+def plot(runs: list[Run], keys: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for xkey, name in (("step", "loss_by_step.png"), ("tokens", "loss_by_tokens.png")):
+        fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
+        for i, run in enumerate(runs):
+            color = f"C{i % 10}"
+            t = run.train_rows
+            ax_t.plot([r[xkey] for r in t], [r["loss"] for r in t], color=color, lw=1.2, label=label(run, keys))
+            v = run.val_rows
+            ax_v.plot([r[xkey] for r in v], [r["val_loss"] for r in v], "o-", color=color, lw=1.5, ms=4)
+        for ax, title in ((ax_t, "training loss"), (ax_v, "validation loss")):
+            ax.set_title(title)
+            ax.set_xlabel("optimizer step" if xkey == "step" else "tokens seen")
+            ax.set_ylabel("cross-entropy (nats/token)")
+            ax.grid(alpha=0.3)
+        fig.legend(loc="lower center", ncol=min(3, len(runs)), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(runs) - 1) // 3), 1, 1))
+        fig.savefig(out / name)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_report(paths: list[str], out: str | Path) -> Path:
+    runs, failed = find_runs(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = differing(runs)
+    sums = [summarize(r) for r in runs]
+    sources = sorted({s for x in sums for s in x["per_source"]})
+    tasks = sorted({t for r in runs for t in r.downstream})
+    lines = ["# Run comparison", "", f"{len(runs)} runs: {', '.join(str(r.path) for r in runs)}", ""]
+    lines += [f"> {n}" for n in comparability_notes(runs)] + [""]
+    head = ["run", *keys, "final val", "best val", *[f"val {s}" for s in sources], *tasks]
+    head += ["tokens", "tokens/s", "MFU", "peak GB", "wall s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, s in zip(runs, sums, strict=True):
+        cells = [run.path.name, *[_fmt(run.config.get(k)) for k in keys], _fmt(s["final_val"]), _fmt(s["best_val"])]
+        cells += [_fmt(s["per_source"].get(src)) for src in sources]
+        cells += [_fmt(run.downstream.get(t, {}).get("score")) for t in tasks]
+        cells += [_fmt(s["tokens"]), _fmt(s["tokens_per_s"]), _fmt(s["mfu"], 3), _fmt(s["peak_mem_gb"], 3)]
+        cells += [_fmt(s["wall_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", "## Failed jobs", ""]
+        lines += [f"- job {r['job']} ({' '.join(r['overrides'])}): {r['error']}" for r in failed]
+    lines += ["", "## Loss curves", ""]
+    lines += [f"![{f}]({f})" for f in plot(runs, keys, out)]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+USAGE = "usage: python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR  (or runs=[DIR,...] out=REPORT_DIR)"
+
+
+@dataclass
+class ReportRoot:
+    """Root of configs/report.yaml."""
+
+    runs: list[str] = field(default_factory=list)
+    """Run directories, or sweep directories holding them."""
+    out: str | None = None
+    """Where report.md and the loss-curve PNGs go."""
+
+
+ConfigStore.instance().store(name="report_schema", node=ReportRoot)
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The documented `DIR... out=REPORT_DIR` as Hydra overrides (`runs=[DIR,...]`); other arguments pass through."""
+    dirs = [a for a in args if not a.startswith("-") and "=" not in a]
+    rest = [a for a in args if a not in dirs]
+    return rest + ([f"runs=[{','.join(map(hydra_quote, dirs))}]"] if dirs else [])
+
+
+@hydra.main(config_path="../../configs", config_name="report", version_base="1.3")
+def run_cli(cfg) -> None:
+    with user_errors():
+        root: ReportRoot = to_object_strict(cfg)
+        if not root.out or not root.runs:
+            raise ValueError(USAGE)
+        print(write_report(root.runs, root.out))
+
+
+def main() -> None:
+    sys.argv[1:] = hydra_args(sys.argv[1:])
+    run_cli()
+
+
+if __name__ == "__main__":
+    main()
