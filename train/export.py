@@ -1,59 +1,6 @@
-"""`python -m train.export run.dir=DIR out=HF_DIR`: a run's checkpoint as a Hugging Face model directory
-(LlamaForCausalLM for dense GQA models, DeepseekV3ForCausalLM for MLA / DeepSeekMoE models).
+"""`python -m train.export run.dir=DIR out=HF_DIR`: a run's checkpoint as a Hugging Face model (train.tools.export)."""
 
-Writes config.json, generation_config.json, model.safetensors and the tokenizer files, so that
-`AutoModelForCausalLM.from_pretrained(HF_DIR)` and `AutoTokenizer.from_pretrained(HF_DIR)` load it offline.
-"""
-
-from __future__ import annotations
-
-import json
-import shutil
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-from data_pipeline.cli import to_object_strict, user_errors
-from model.config import ModelConfig
-from model.hf import hf_architecture, save_hf_model
-from train.checkpoint.weights import load_full_weights
-from train.config import ExportConfig
-from train.tools.run_dir import run_tokenizer
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def export(run_dir: str, out: str, tag: str | None = None) -> dict:
-
-    state, meta = load_full_weights(Path(run_dir), tag)
-    tok, tok_dir = run_tokenizer(run_dir, meta)
-    cfg = ModelConfig.from_dict(meta["model"])
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_hf_model(out_dir, state, cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copyfile(tok_dir / name, out_dir / name)
-    info = {
-        "out": str(out_dir),
-        "run_dir": str(run_dir),
-        "tag": meta["tag"],
-        "step": meta["step"],
-        "architecture": hf_architecture(cfg),
-        "tokenizer_sha256": tok.sha256,
-    }
-    (out_dir / "hangang_export.json").write_text(json.dumps(info, indent=2))
-    return info
-
-
-@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
-def main(raw: DictConfig) -> None:
-    with user_errors():
-        cfg: ExportConfig = to_object_strict(raw)
-        info = export(cfg.run.dir, cfg.out, cfg.tag)
-    print(json.dumps(info))
-
+from train.tools.export import main
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
 from model import accelerator
 from train.config import PretrainConfig, move_deprecated_keys
-from train.engine.distributed import init_distributed
+from train.engine.distributed import init_distributed, shutdown
 from train.tools.sweep import in_sweep, run_sweep_job
 from train.trainer import build
 
@@ -54,8 +53,7 @@ def main(raw: DictConfig) -> None:
             cfg: PretrainConfig = to_object_strict(raw)
             run(cfg, raw)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import re
 import sys
 from datetime import timedelta
 
-import torch.distributed as dist
-
 from train.callbacks.base import Callback
+from train.engine.distributed import CheckIn
 
 
 class Heartbeat(Callback):
@@ -17,15 +16,11 @@ class Heartbeat(Callback):
 
     def __init__(self, timeout_minutes: float) -> None:
         self.minutes, self.timeout = timeout_minutes, timedelta(minutes=timeout_minutes)
-        self.group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self.group = dist.new_group(backend="gloo", timeout=self.timeout)  # also beside NCCL: gloo can name
+        self.check_in = CheckIn(self.timeout)
 
     def beat(self, step: int) -> None:
-        if self.group is None:
-            return
         try:
-            dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
+            self.check_in.arrive()
         except RuntimeError as err:
             first = str(err).splitlines()[0]
             found = re.search(r"Ranks? ([\d, ]+) failed to pass", first)

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_pipeline.shards import MANIFEST
 from train.checkpoint.layout import (
@@ -27,6 +26,7 @@ from train.checkpoint.layout import (
 )
 from train.checkpoint.rng import rng_state, set_rng_state
 from train.checkpoint.universal import ensure_universal
+from train.engine import distributed as dist
 from train.engine.deepspeed_compat import count_checkpoint_writes, fix_zero3_universal_load, weights_only_loading
 from train.engine.expert_parallel import has_expert_params, load_local_experts
 
@@ -47,7 +47,7 @@ def save(
 
     tag = tag_for(step)
     tmp = ckpt_dir / (TMP_PREFIX + tag)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.rank()
     ops = (file_op or _no_op) if rank == 0 else _no_op
     written: list[Path] = []  # this rank's files, which it fsyncs itself (on NFS only the writer's fsync counts)
     if rank == 0:
@@ -75,8 +75,7 @@ def save(
     written += ds_files
     dist.barrier()
     # Every rank fsyncs and hashes the files it wrote (in parallel; no rank lists a directory others write into).
-    shares: list = [None] * world
-    dist.all_gather_object(shares, {str(p.relative_to(tmp)): sha256_of(p, sync=True) for p in written})
+    shares = dist.all_gather_object({str(p.relative_to(tmp)): sha256_of(p, sync=True) for p in written})
     if rank == 0:
         files = {name: info for share in shares for name, info in share.items()}
         commit(ckpt_dir, tmp, tag, step, files, keep_last, keep_every, ops)
@@ -105,7 +104,7 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
         if has_expert_params(engine.module):
             load_local_experts(engine.module, str(tag_dir / "model.safetensors"))
         # A rank that did not exist at save time (more ranks now) keeps its seeded RNG; training draws none on CPU.
-        rng_file = tag_dir / f"rng_rank{dist.get_rank()}.pt"
+        rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state

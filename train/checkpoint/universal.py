@@ -3,40 +3,24 @@ universal format (`TAG/universal/`), which any layout of ZeRO 1-3 loads."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from train.checkpoint.layout import TMP_PREFIX, UNIVERSAL, _fsync_dir, _warn, sha256_of
-from train.engine.deepspeed_compat import complete_universal_folder, weights_only_loading
+from train.engine import distributed as dist
+from train.engine.deepspeed_compat import complete_universal_folder, convert_to_universal, weights_only_loading
 
 
 def ensure_universal(tag_dir: Path) -> None:
     """Convert `tag_dir` to DeepSpeed's universal format in `tag_dir/universal/` once (rank 0; collective)."""
     out = tag_dir / UNIVERSAL
-    if dist.get_rank() == 0 and not out.is_dir():
-        from deepspeed.checkpoint import ds_to_universal
-
+    if dist.rank() == 0 and not out.is_dir():
         tmp = tag_dir / (TMP_PREFIX + UNIVERSAL)
         shutil.rmtree(tmp, ignore_errors=True)
-        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-        args = argparse.Namespace(
-            input_folder=str(tag_dir),
-            output_folder=str(tmp),
-            num_extract_workers=workers,
-            num_merge_workers=workers,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,
-        )
         _warn(f"{tag_dir} was saved with another world size or ZeRO stage: converting it to {out} (once)")
-        with weights_only_loading(tag_dir), contextlib.redirect_stdout(sys.stderr):
-            ds_to_universal.main(args)
+        with weights_only_loading(tag_dir):
+            convert_to_universal(tag_dir, tmp, workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
         complete_universal_folder(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():

@@ -9,6 +9,7 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
 - gate_optimizer_step: torch LR schedulers wrap `optimizer.step` once and mark it `_wrapped_by_lr_sched`.
 - count_checkpoint_writes: every file of `save_checkpoint` goes through `engine.checkpoint_engine.save`.
 - weights_only_loading: DeepSpeed calls `torch.load` without `weights_only`; torch honours an environment override.
+- convert_to_universal: `deepspeed.checkpoint.ds_to_universal` is a script; its `main` takes an argparse namespace.
 - complete_universal_folder: `ds_to_universal` writes the model-state file under one name and no ZeRO-3 optimizer
   state.
 - fix_zero3_universal_load: ZeRO-3's universal load gives every group group 0's hyperparameters and one shared step.
@@ -16,10 +17,12 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import pickle
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -174,6 +177,18 @@ def weights_only_loading(where: Path):
 
 
 # --- universal checkpoints --------------------------------------------------------------------------------------
+
+
+def convert_to_universal(folder: Path, out: Path, workers: int) -> None:
+    """DeepSpeed's `ds_to_universal` on one checkpoint folder. It is a script with no library entry point: its
+    `main` takes the script's argparse namespace (these fields as of 0.19) and prints progress (sent to stderr)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):
+        ds_to_universal.main(args)
 
 
 def complete_universal_folder(folder: Path) -> None:

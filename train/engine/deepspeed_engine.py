@@ -4,6 +4,7 @@ steps. With `train.engine.distributed` and `expert_parallel`, the only modules t
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,9 @@ from train.engine.deepspeed_compat import gate_optimizer_step
 from train.engine.distributed import Dist
 from train.engine.expert_parallel import gather_experts, is_expert_param
 from train.engine.schedules import lr_multiplier
-from train.trainer.layout import BatchLayout
+
+if TYPE_CHECKING:
+    from train.trainer.layout import BatchLayout
 
 
 def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:

@@ -94,3 +94,47 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled; for small metadata only)."""
+    out: list = [None] * world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(out, obj)
+    else:
+        out[0] = obj
+    return out
+
+
+class CheckIn:
+    """A barrier on a gloo side group that names the ranks that did not arrive within `timeout` (`arrive()` raises
+    RuntimeError with torch's message), instead of hanging in the next collective. Gloo also works beside NCCL."""
+
+    def __init__(self, timeout: timedelta) -> None:
+        self.timeout = timeout
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def arrive(self) -> None:
+        if self.group is not None:
+            dist.monitored_barrier(self.group, timeout=self.timeout, wait_all_ranks=True)
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) so that torchrun sees a clean exit."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import device_type
 from train.checkpoint import latest_tag
 from train.config import RunConfig
-from train.export import export
+from train.tools.export import export
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
