@@ -1,5 +1,5 @@
 # make demo: the whole job on the repo's licensed Korean sample (CPU: about 5 minutes on 2 cores).
-# make test: the test suite. Both create or reuse .venv.
+# make test: the whole test suite; make test-fast: without the multi-process (slow) tests. All create or reuse .venv.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEMO ?= runs/ko_tiny
 NPROC ?= 2
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test test-fast lint clean-demo
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_pipeline.bom import bom_summary, find_bom
 from data_pipeline.shards import read_manifest
 from tests.helpers import run_module
+
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
 
 
 def test_every_checkpoint_carries_the_bom(trained_run, tiny_data):
