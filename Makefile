@@ -1,5 +1,6 @@
 # make demo: the whole job on the repo's licensed Korean sample (CPU: about 5 minutes on 2 cores).
-# make test: the package layering (.importlinter), then the test suite. Both create or reuse .venv.
+# make test: the package layering (.importlinter), then the whole test suite; make test-fast: without the
+# multi-process (slow) tests. All create or reuse .venv.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 DEMO ?= runs/ko_tiny
 NPROC ?= 2
 
-.PHONY: install demo test lint lint-imports clean-demo
+.PHONY: install demo test test-fast lint lint-imports clean-demo
 
 install: $(STAMP)
 
@@ -38,6 +39,9 @@ test: lint-imports
 # The layers data_pipeline < tokenizer < model < train < launch, and model without deepspeed or torch.distributed.
 lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
+
+test-fast: lint-imports
+	$(PY) -m pytest tests -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

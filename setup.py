@@ -28,7 +28,15 @@ setup(
         # Morpheme-aware pre-segmentation (tokenizer.pre_segment=kiwi) and Mistral's reference tokenizers.
         "tokenizer": ["kiwipiepy>=0.20", "mistral-common>=1.5"],
         # datasketch: the reference the tests hold our MinHash LSH banding to; import-linter: `make lint-imports`.
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "kiwipiepy>=0.20", "datasketch>=2.0", "import-linter>=2.1"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "kiwipiepy>=0.20",
+            "datasketch>=2.0",
+            "import-linter>=2.1",
+        ],
         "eval": ["lm-eval>=0.4.5", "accelerate"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },

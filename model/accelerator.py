@@ -54,7 +54,7 @@ def local_device(local_rank: int = 0) -> torch.device:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """ "auto": the accelerator if there is one, else cpu; anything else: torch.device(spec)."""
+    """torch.device(spec), where spec "auto" means the accelerator if there is one, else cpu."""
     return torch.device(device_type() if spec == "auto" else spec)
 
 

@@ -10,7 +10,8 @@ from tests.helpers import sample_data_config, torchrun_pretrain, train_args
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (also skipif-ed when none is available)")
+    config.addinivalue_line("markers", "gpu: needs an accelerator (also skipif-ed when none is available)")
+    config.addinivalue_line("markers", "slow: multi-process (torchrun) or long training jobs; make test-fast skips")
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_pipeline.bom import bom_summary, find_bom, hydra_args
 from data_pipeline.shards import read_manifest
 from tests.helpers import run_module
 
 
+
+@pytest.mark.slow  # a torchrun job (trained_run)
 def test_every_checkpoint_carries_the_bom(trained_run, tiny_data):
     manifest = read_manifest(tiny_data)
     tags = sorted((trained_run / "checkpoints").glob("step_*"))
@@ -20,6 +24,7 @@ def test_every_checkpoint_carries_the_bom(trained_run, tiny_data):
     assert find_bom(trained_run) == tags[-1] / "bom.json"
 
 
+@pytest.mark.slow  # a torchrun job (trained_run)
 def test_wandb_config_holds_the_bom_summary(trained_run, tiny_data):
     summary = bom_summary(read_manifest(tiny_data))
     files = list((trained_run / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run's record log
@@ -28,6 +33,7 @@ def test_wandb_config_holds_the_bom_summary(trained_run, tiny_data):
     assert b"data_bom" in raw and summary["tokenizer_sha256"].encode() in raw
 
 
+@pytest.mark.slow  # a torchrun job (trained_run)
 def test_bom_cli_prints_sources_licenses_and_tokens(trained_run, tiny_data):
     manifest = read_manifest(tiny_data)
     ckpt = sorted((trained_run / "checkpoints").glob("step_*"))[0]

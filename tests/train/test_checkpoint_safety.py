@@ -30,6 +30,7 @@ ONE_RANK = [
 ]
 
 
+@pytest.mark.slow
 def test_kill_9_at_every_file_operation_of_a_save_resumes_exactly(tiny_tokenizer, tiny_data, tmp_path):
     # Rank 0's file operations: 1-11 are the save at step 1, 12-23 the one at step 2 (which also deletes the first,
     # keep_last=1). Kill points: every operation of the second save, and the first save's rename (a complete
@@ -64,6 +65,7 @@ def test_kill_9_at_every_file_operation_of_a_save_resumes_exactly(tiny_tokenizer
     ]
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_two_process_job_during_a_save_resumes_exactly(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "killed"
     args = train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2")
@@ -93,6 +95,7 @@ def two_checkpoints(trained_run, tmp_path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_a_damaged_or_unfinished_checkpoint_is_skipped_with_a_warning(two_checkpoints, capsys):
     ckpt_dir = two_checkpoints / "checkpoints"
     assert checkpoint.latest_tag(ckpt_dir) == "step_00000010"
@@ -147,6 +150,7 @@ def single_rank_run(tiny_tokenizer, tiny_data, tmp_path_factory):
 SECRET = "wandb-0123456789abcdef-secret"
 
 
+@pytest.mark.slow
 def test_retention_in_a_real_run(single_rank_run):
     run_dir, _ = single_rank_run
     ckpt_dir = run_dir / "checkpoints"
@@ -155,6 +159,7 @@ def test_retention_in_a_real_run(single_rank_run):
     assert checkpoint.pointer_tag(ckpt_dir) == "step_00000006" and checkpoint.latest_tag(ckpt_dir) == "step_00000006"
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_saved_configs_or_logs(single_rank_run):
     run_dir, proc = single_rank_run
     assert list((run_dir / "wandb").glob("offline-run-*")), "the offline W&B run exists"
@@ -191,6 +196,7 @@ def _plant(tag_dir: Path, name: str, marker: Path) -> None:
     (tag_dir / checkpoint.CKPT_MANIFEST).write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_an_untrusted_pickle_is_refused_not_executed(two_checkpoints, tiny_tokenizer, tiny_data, tmp_path):
     marker = tmp_path / "pwned"
     tag_dir = two_checkpoints / "checkpoints" / "step_00000010"

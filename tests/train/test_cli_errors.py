@@ -46,6 +46,7 @@ def test_batch_that_does_not_divide(args):
     assert "does not divide" in proc.stderr and "train.micro_batch_size=2" in proc.stderr
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_across_ranks(args):
     proc = torchrun_pretrain(*args, "train.global_batch_tokens=640", check=False)  # 10 sequences, 2 x 2 per step
     assert proc.returncode != 0

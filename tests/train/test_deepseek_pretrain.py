@@ -34,6 +34,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_moe_mla_mtp_trains_identically_under_zero_0_to_3(ds_runs):
     ref = losses(ds_runs[0])
     assert sorted(ref) == list(range(1, STEPS + 1)) and ref[STEPS] < ref[1]
@@ -55,6 +56,7 @@ def _bias(run_dir: Path) -> torch.Tensor:
     return torch.stack([v for k, v in sorted(state.items()) if k.endswith("e_score_correction_bias")])
 
 
+@pytest.mark.slow
 def test_moe_and_mtp_metrics_are_logged(ds_runs):
     train_rows = [r for r in rows(ds_runs[2]) if "loss" in r]
     for r in train_rows:
@@ -63,6 +65,7 @@ def test_moe_and_mtp_metrics_are_logged(ds_runs):
     assert [r["step"] for r in rows(ds_runs[2]) if "val_loss" in r] == [0, 5, 10]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(ds_runs, tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "resumed"
     args = ds_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", "train.exit_after_steps=5")
@@ -71,6 +74,7 @@ def test_resume_reproduces_uninterrupted_run(ds_runs, tiny_tokenizer, tiny_data,
     assert losses(run_dir) == losses(ds_runs[2])
 
 
+@pytest.mark.slow
 def test_resume_with_other_expert_count_is_refused(ds_runs, tiny_tokenizer, tiny_data):
     args = ds_args(tiny_tokenizer, tiny_data, ds_runs[1], "model.moe.n_routed_experts=4")
     proc = run_module("train.pretrain", *args, check=False)
@@ -78,6 +82,7 @@ def test_resume_with_other_expert_count_is_refused(ds_runs, tiny_tokenizer, tiny
     assert "model.moe.n_routed_experts: checkpoint 8, config 4" in proc.stderr
 
 
+@pytest.mark.slow
 def test_export_of_trained_run_matches_logits(ds_runs, tmp_path):
     from train.checkpoint.weights import load_model
 
@@ -106,6 +111,7 @@ def ep_runs(tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_expert_parallel_trains_like_ep1(ds_runs, ep_runs):
     from train.checkpoint.weights import load_full_weights
 
@@ -125,6 +131,7 @@ def test_expert_parallel_trains_like_ep1(ds_runs, ep_runs):
             torch.testing.assert_close(full[key], value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_expert_parallel_run_exports_the_ep1_model(ds_runs, ep_runs, tmp_path):
     from safetensors.torch import load_file
 
@@ -140,6 +147,7 @@ def test_expert_parallel_run_exports_the_ep1_model(ds_runs, ep_runs, tmp_path):
         torch.testing.assert_close(ep2[key], value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_expert_parallel_resume_reproduces_uninterrupted_run(ep_runs, tiny_tokenizer, tiny_data, tmp_path):
     import shutil
 
@@ -153,6 +161,7 @@ def test_expert_parallel_resume_reproduces_uninterrupted_run(ep_runs, tiny_token
     assert losses(run_dir) == losses(ep_runs[2])
 
 
+@pytest.mark.slow
 def test_resume_with_other_ep_size_is_refused(ep_runs, tiny_tokenizer, tiny_data):
     proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, ep_runs[2]), check=False)
     assert proc.returncode != 0

@@ -6,10 +6,13 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 from tests.helpers import losses, run_module, torchrun_pretrain, train_args
 from tokenizer.tokenizer import Tokenizer
 
 
+@pytest.mark.slow
 def test_doc_masked_run_takes_eos_from_tokenizer(tiny_tokenizer, tiny_data, tmp_path):
     # 256-token rows: documents of the sample average ~775 tokens, so some of the first steps cross a boundary.
     shape = ("train.seq_len=256", "train.global_batch_tokens=1024", "train.max_steps=4", "deepspeed.zero_stage=2")

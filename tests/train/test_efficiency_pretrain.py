@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tests.helpers import losses, run_module, torchrun_pretrain, train_args
 
 
+@pytest.mark.slow
 def test_chunked_loss_and_selective_checkpointing_match_default_run(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "efficient"
     extra = ("model.loss_impl=chunked", "model.loss_chunk_size=100", "model.activation_checkpointing=selective")
@@ -17,6 +20,7 @@ def test_chunked_loss_and_selective_checkpointing_match_default_run(trained_run,
         assert math.isclose(got[step], ref[step], rel_tol=1e-4), (step, got[step], ref[step])
 
 
+@pytest.mark.slow
 def test_chunked_loss_and_full_checkpointing_under_zero3(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     """ZeRO-3 gathers the (tied) head weight for the loss through the head's module call; full recompute works."""
     run_dir = tmp_path / "zero3"

@@ -12,6 +12,8 @@ from tests.helpers import REPO, run_module
 from tokenizer.tokenizer import Tokenizer
 from train.checkpoint.weights import load_model
 
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
+
 TEXTS = [
     "대한민국 헌법 제1조 ① 대한민국은 민주공화국이다.",
     "이 영화 정말 재밌어요 ㅋㅋ 10점 만점에 9점!",

@@ -15,10 +15,12 @@ def ep_worker(case: str) -> str:
     return run_module(*args, timeout=240).stdout
 
 
+@pytest.mark.slow
 def test_sharded_experts_match_full_experts_even_when_a_rank_gets_no_tokens():
     assert "OK layer" in ep_worker("layer")
 
 
+@pytest.mark.slow
 def test_zero3_steps_finish_when_a_rank_s_experts_get_no_tokens():
     assert "OK skewed_zero3" in ep_worker("skewed_zero3")
 

@@ -46,6 +46,7 @@ def test_bad_fault_settings_are_refused():
         DebugConfig(kill_rank_at_step=[7])
 
 
+@pytest.mark.slow
 def test_nan_loss_and_inf_grad_skip_the_update(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     """ZeRO-0 (plain torch AdamW under DeepSpeed, where our gate must do the skipping): a NaN loss at step 3 and an
     infinite gradient on one rank at step 6 skip those updates; the run goes on with finite losses and weights."""
@@ -73,6 +74,7 @@ def test_nan_loss_and_inf_grad_skip_the_update(trained_run, tiny_tokenizer, tiny
     assert states["lr_scheduler"]["last_epoch"] == 10
 
 
+@pytest.mark.slow
 def test_spikes_are_skipped_then_rolled_back_past_the_bad_batches(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     """ZeRO-2: a NaN loss at step 3 (skipped by DeepSpeed's own overflow check), then the batches of steps 7 and 8
     spike (x10); both updates are skipped, the run rolls back to the step-5 checkpoint, replays step 6 exactly, and
@@ -97,6 +99,7 @@ def test_spikes_are_skipped_then_rolled_back_past_the_bad_batches(trained_run, t
     assert all(r["lr"] == clean[r["step"]] for r in log if "lr" in r)
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_and_resumes_exactly(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     """Rank 1 is SIGKILLed after step 7; torchrun restarts the job, which resumes from the step-5 checkpoint by
     itself and ends with the losses of an uninterrupted run."""
@@ -109,6 +112,7 @@ def test_killed_rank_restarts_and_resumes_exactly(trained_run, tiny_tokenizer, t
     assert losses(run_dir) == losses(trained_run)
 
 
+@pytest.mark.slow
 def test_stalled_rank_is_named_and_ends_the_job(tiny_tokenizer, tiny_data, tmp_path):
     """Rank 1 hangs before step 3: within the collective timeout the job exits non-zero, naming rank 1."""
     run_dir = tmp_path / "stalled"

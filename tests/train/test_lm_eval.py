@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers import run_module
 
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
+
 pytest.importorskip("lm_eval")
 
 

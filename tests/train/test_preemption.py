@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import REPO, losses, torchrun_pretrain, train_args
+
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(trained_run, tiny_tokenizer, tiny_data, tmp_path):

@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import STEPS, losses, run_module, torchrun_pretrain, train_args
 
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def zero_runs(trained_run, tiny_tokenizer, tiny_data, tmp_path_factory) -> dict[int, Path]:

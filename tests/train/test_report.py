@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import yaml
 
 from tests.helpers import run_module
 
 
+@pytest.mark.slow
 def test_report_compares_runs_and_flags_different_budgets(trained_run, tmp_path):
     other = tmp_path / "runs" / "longer"
     shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("checkpoints", "wandb"))

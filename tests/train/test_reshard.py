@@ -31,6 +31,7 @@ def _train_rows(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,stage", [(1, 1), (2, 3)])
 def test_two_rank_zero2_checkpoint_resumes_resharded(
     stopped_at_step_5, trained_run, tiny_tokenizer, tiny_data, nproc, stage

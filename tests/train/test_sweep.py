@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_module, train_args
+
+pytestmark = pytest.mark.slow  # torchrun jobs: excluded by `make test-fast`
 
 
 def test_sweep_runs_each_job_and_reports_failures(tiny_tokenizer, tiny_data, tmp_path):
