@@ -84,7 +84,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny shapes: one intra-op thread is ~100x faster than two spinning on a shared, loaded 2-core machine.
-    Autouse wherever it is imported (tests/model/conftest.py, tests/train/test_hf_export_deepseek.py)."""
+    Autouse wherever it is imported (tests/model/conftest.py, tests/model/test_hf_deepseek.py)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

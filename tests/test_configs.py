@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 import data_pipeline.config  # noqa: F401  registers prepare/bom schemas
 import launch.config  # noqa: F401  registers plan_schema
 import tokenizer.config  # noqa: F401  registers tokenizer_train/tokenizer_evaluate schemas
-import train.tools.bench  # noqa: F401  registers bench_schema
 import train.config  # noqa: F401  registers train/evaluate/export schemas
+import train.tools.report  # noqa: F401  registers report_schema
+import train.tools.bench  # noqa: F401  registers bench_schema
 import train.tools.lm_eval  # noqa: F401  registers lm_eval_schema
-import train.report  # noqa: F401  registers report_schema
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -80,7 +80,7 @@ def test_every_yaml_is_covered():
     top = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert top == covered, top ^ covered
     # Every file below the roots is an option one of the parametrized compose tests picks up (bench_suite's in
-    # tests/train/test_bench_suite.py); a new folder, or a file nested deeper than `names` globs, fails here.
+    # tests/train/tools/test_bench_suite.py); a new folder, or a file nested deeper than `names` globs, fails here.
     folders = {p.parent.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS}
     assert folders == {"experiment", *GROUPS, "bench_suite"}, folders
 

@@ -196,11 +196,12 @@ class ParallelConfig:
     """Parallel degrees beyond ZeRO data parallelism (`parallel`)."""
 
     ep_size: int = 1
-    """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert)."""
+    """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert).
+    Also spelled `model.moe.ep_size`."""
 
     def __post_init__(self) -> None:
         if self.ep_size <= 0:
-            raise ValueError(f"parallel.ep_size must be positive, got {self.ep_size}")
+            raise ValueError(f"model.moe.ep_size must be positive, got {self.ep_size}")
 
 
 @dataclass
@@ -365,9 +366,14 @@ MOVED_KEYS = {
 """Keys that left `model` (architecture only) and `train` for the config that owns them: old spelling -> new."""
 
 
+ALIASES = {"model.moe.ep_size"}
+"""Moved keys that stay documented spellings (no deprecation message): the expert-parallel degree is set where the
+experts are described, as in DeepSpeed and Megatron."""
+
+
 def move_deprecated_keys(raw: DictConfig, quiet: bool = False) -> list[str]:
     """Move every old-spelling key that is set (not null) in `raw` to its new place, in place; returns one
-    deprecation message per key moved (printed to stderr on rank 0 unless `quiet`)."""
+    deprecation message per deprecated key moved (printed to stderr on rank 0 unless `quiet`)."""
     notes = []
     for old, new in MOVED_KEYS.items():
         value = OmegaConf.select(raw, old, default=None)
@@ -375,7 +381,8 @@ def move_deprecated_keys(raw: DictConfig, quiet: bool = False) -> list[str]:
             continue
         OmegaConf.update(raw, new, value, merge=False)
         OmegaConf.update(raw, old, None, merge=False)
-        notes.append(f"{old} is deprecated: it moved to {new} (set {new}={value})")
+        if old not in ALIASES:
+            notes.append(f"{old} is deprecated: it moved to {new} (set {new}={value})")
     if notes and not quiet and _rank0():
         for note in notes:
             print(f"warning: {note}", file=sys.stderr, flush=True)

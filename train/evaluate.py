@@ -1,4 +1,4 @@
-"""`python -m train.evaluate run.dir=DIR eval.text_files=[...]`: loss of a run's checkpoint on text files (train.tools.evaluate)."""
+"""`python -m train.evaluate run.dir=DIR eval.text_files=[...]`: a checkpoint's loss on text (train.tools.evaluate)."""
 
 from train.tools.evaluate import main
 

@@ -12,7 +12,6 @@ from data_pipeline.shards import read_manifest
 from tests.helpers import run_module
 
 
-
 @pytest.mark.slow  # a torchrun job (trained_run)
 def test_every_checkpoint_carries_the_bom(trained_run, tiny_data):
     manifest = read_manifest(tiny_data)

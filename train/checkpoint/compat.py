@@ -35,9 +35,9 @@ def check_compatible(meta: dict, model: ModelConfig, tokenizer_sha256: str, wher
     saved_ep = saved_ep_size(meta)
     if saved_ep != ep_size:
         raise ValueError(
-            f"cannot resume from {where} with parallel.ep_size={ep_size}: it was saved with ep_size={saved_ep}, and "
+            f"cannot resume from {where} with model.moe.ep_size={ep_size}: it was saved with ep_size={saved_ep}, and "
             "DeepSpeed's optimizer partitions of expert weights depend on it. Resume with "
-            f"parallel.ep_size={saved_ep}, or start a new run.dir from its exported weights"
+            f"model.moe.ep_size={saved_ep}, or start a new run.dir from its exported weights"
         )
     if meta.get("tokenizer_sha256") != tokenizer_sha256:
         raise ValueError(

@@ -12,8 +12,8 @@ from model.accelerator import fp8_supported
 from model.transformer import Block
 
 FP8_MISSING = (
-    "train.fp8=true needs torchao (float8 training): `pip install torchao` on a CUDA machine with an FP8 GPU "
-    "(Hopper or newer), or set train.fp8=false"
+    "execution.fp8=true needs torchao (float8 training): `pip install torchao` on a CUDA machine with an FP8 GPU "
+    "(Hopper or newer), or set execution.fp8=false"
 )
 
 
@@ -24,7 +24,7 @@ def check_fp8() -> None:
     except ImportError as e:
         raise ValueError(FP8_MISSING) from e
     if not fp8_supported():
-        raise ValueError("train.fp8=true needs a CUDA GPU with FP8 tensor cores (sm_89 / Hopper or newer)")
+        raise ValueError("execution.fp8=true needs a CUDA GPU with FP8 tensor cores (sm_89 / Hopper or newer)")
 
 
 def convert_fp8(model: nn.Module) -> nn.Module:

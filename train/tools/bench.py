@@ -43,6 +43,7 @@ from model.hf import hf_architecture, hf_config, to_hf_state_dict
 from model.output import ModelOutput
 from model.transformer import Transformer, num_params
 from train.engine.optimize import optimize_model
+from train.tools import CONFIGS
 
 HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
 
@@ -278,7 +279,7 @@ def run(root: BenchRoot) -> dict:
     return summary
 
 
-@hydra.main(config_path="../../configs", config_name="bench", version_base="1.3")
+@hydra.main(config_path=CONFIGS, config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         root = to_object_strict(cfg)  # runs the dataclass __post_init__ checks

@@ -21,6 +21,7 @@ from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import resolve_device
 from train.checkpoint.weights import load_model
 from train.config import EvaluateConfig
+from train.tools import CONFIGS
 from train.tools.run_dir import run_config, run_tokenizer
 
 
@@ -68,7 +69,7 @@ def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_si
     return results
 
 
-@hydra.main(config_path="../../configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIGS, config_name="evaluate", version_base="1.3")
 def main(raw: DictConfig) -> None:
     with user_errors():
         cfg: EvaluateConfig = to_object_strict(raw)

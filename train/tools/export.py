@@ -19,6 +19,7 @@ from model.config import ModelConfig
 from model.hf import hf_architecture, save_hf_model
 from train.checkpoint.weights import load_full_weights
 from train.config import ExportConfig
+from train.tools import CONFIGS
 from train.tools.run_dir import run_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -47,7 +48,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> dict:
     return info
 
 
-@hydra.main(config_path="../../configs", config_name="export", version_base="1.3")
+@hydra.main(config_path=CONFIGS, config_name="export", version_base="1.3")
 def main(raw: DictConfig) -> None:
     with user_errors():
         cfg: ExportConfig = to_object_strict(raw)

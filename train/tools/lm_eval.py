@@ -23,6 +23,7 @@ from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import device_type
 from train.checkpoint import latest_tag
 from train.config import RunConfig
+from train.tools import CONFIGS
 from train.tools.export import export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
     return out
 
 
-@hydra.main(config_path="../../configs", config_name="lm_eval", version_base="1.3")
+@hydra.main(config_path=CONFIGS, config_name="lm_eval", version_base="1.3")
 def main(raw: DictConfig) -> None:
     with user_errors():
         cfg: LmEvalConfig = to_object_strict(raw)

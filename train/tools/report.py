@@ -21,6 +21,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 
 from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
+from train.tools import CONFIGS
 
 IGNORED_PREFIXES = ("run.", "logging.", "checkpoint.", "tokenizer.path", "data.path", "train.eval_")
 
@@ -221,7 +222,7 @@ def hydra_args(args: list[str]) -> list[str]:
     return rest + ([f"runs=[{','.join(map(hydra_quote, dirs))}]"] if dirs else [])
 
 
-@hydra.main(config_path="../../configs", config_name="report", version_base="1.3")
+@hydra.main(config_path=CONFIGS, config_name="report", version_base="1.3")
 def run_cli(cfg) -> None:
     with user_errors():
         root: ReportRoot = to_object_strict(cfg)

@@ -16,7 +16,7 @@ from data_pipeline.loader import DistributedBatchLoader, PackedSequences
 from data_pipeline.shards import read_manifest
 from model import accelerator
 from model.attention import load_flash_attn
-from model.config import ModelConfig
+from model.config import ExecutionConfig, ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer
 from tokenizer.tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
     ex = cfg.execution
     if ex.attn_backend == "flex" and not accelerator.has_accelerator():
         raise ValueError(
-            "execution.attn_backend=flex trains on a GPU only (torch has no FlexAttention backward on CPU): "
+            "execution.attn_backend=flex trains on CUDA only (torch has no FlexAttention backward on CPU): "
             "set execution.attn_backend=sdpa"
         )
     ep_size = cfg.parallel.ep_size if model.moe.enabled else 1
@@ -134,17 +134,16 @@ def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
         torch.set_num_threads(n)
 
 
-def build_model(plan: Plan):
+def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int):
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
-    its slices of the same experts). With parallel.ep_size > 1 this creates the expert groups (collective)."""
-    cfg = plan.cfg
-    ep_size = cfg.parallel.ep_size if plan.model.moe.enabled else 1
+    its slices of the same experts). With ep_size > 1 this creates the expert groups (collective)."""
+    ep_size = ep_size if model.moe.enabled else 1
     dispatcher = expert_parallel.make_dispatcher(ep_size)
-    torch.manual_seed(cfg.train.seed)
-    module = Transformer(plan.model, cfg.execution, dispatcher)
+    torch.manual_seed(seed)
+    module = Transformer(model, execution, dispatcher)
     if dispatcher is not None:
-        expert_parallel.prepare_model(module, ep_size, cfg.deepspeed.zero_stage)
-    return optimize_model(module, cfg.execution.compile, cfg.execution.fp8)
+        expert_parallel.prepare_model(module, ep_size, zero_stage)
+    return optimize_model(module, execution.compile, execution.fp8)
 
 
 def build_data(plan: Plan, rank: int, world_size: int):
@@ -177,7 +176,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     """The engine, the data and every component of the run, registered with a Trainer; returns it and the
     loggers (rank 0) that must be closed at the end."""
     cfg = plan.cfg
-    model = build_model(plan)
+    model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage)
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
                                            plan.load_universal)  # fmt: skip
     engine = Engine(ds_engine, scheduler, cfg.deepspeed.zero_stage)

@@ -48,14 +48,14 @@ def check_ep_size(ep_size: int, world_size: int, n_experts: int, zero_stage: int
         return
     if world_size % ep_size:
         raise ValueError(
-            f"parallel.ep_size={ep_size} must divide the number of ranks ({world_size}): each group of ep_size "
+            f"model.moe.ep_size={ep_size} must divide the number of ranks ({world_size}): each group of ep_size "
             "ranks holds one copy of all experts. Choose a divisor of the world size, or launch a multiple of it"
         )
     if n_experts % ep_size:
-        raise ValueError(f"parallel.ep_size={ep_size} must divide model.moe.n_routed_experts={n_experts}")
+        raise ValueError(f"model.moe.ep_size={ep_size} must divide model.moe.n_routed_experts={n_experts}")
     if zero_stage == 0:
         raise ValueError(
-            f"parallel.ep_size={ep_size} with deepspeed.zero_stage=0: without ZeRO, DeepSpeed clips gradients by "
+            f"model.moe.ep_size={ep_size} with deepspeed.zero_stage=0: without ZeRO, DeepSpeed clips gradients by "
             "the mean of each rank's local norm, which misses the other ranks' expert shards, so clipped steps would "
             "differ from ep_size=1. Use deepspeed.zero_stage=1, 2 or 3 with ep_size > 1"
         )

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from tests.helpers import STEPS, run_module, torchrun_pretrain, train_args
-from tests.train.test_pretrain import losses
+from tests.train.trainer.test_pretrain import losses
 
 DEEPSEEK = ("model=deepseek_tiny", "model.n_layers=3", "model.max_seq_len=256")
 
@@ -126,7 +126,7 @@ def test_expert_parallel_trains_like_ep1(ds_runs, ep_runs):
         # Checkpoint weights hold every expert, in global order, as the ep_size=1 run's do.
         full, meta = load_full_weights(run)
         ref_full, _ = load_full_weights(ds_runs[stage])
-        assert meta["model"]["moe"]["ep_size"] == 2 and full.keys() == ref_full.keys()
+        assert meta["ep_size"] == 2 and full.keys() == ref_full.keys()
         for key, value in ref_full.items():
             torch.testing.assert_close(full[key], value, atol=1e-5, rtol=0)
 

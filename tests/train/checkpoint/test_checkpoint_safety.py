@@ -16,6 +16,8 @@ import torch
 
 from tests.helpers import REPO, losses, run_module, torchrun_pretrain, train_args
 from train import checkpoint
+from train.checkpoint import layout
+from train.engine.deepspeed_compat import weights_only_loading
 from train.secrets import REDACTED, redact
 
 # A 1-rank ZeRO-2 run saving after steps 1 and 2 (one micro-batch per step, no evaluation): the cheapest run whose
@@ -32,23 +34,32 @@ ONE_RANK = [
 
 @pytest.mark.slow
 def test_kill_9_at_every_file_operation_of_a_save_resumes_exactly(tiny_tokenizer, tiny_data, tmp_path):
-    # Rank 0's file operations: 1-11 are the save at step 1, 12-23 the one at step 2 (which also deletes the first,
-    # keep_last=1). Kill points: every operation of the second save, and the first save's rename (a complete
-    # temporary directory, with its manifest, that never got its name).
-    points = [9, *range(12, 24)]
+    # Rank 0's file operations, listed by an uninterrupted run: the save at step 1, then the one at step 2 (which also
+    # deletes the first, keep_last=1). Kill points: every operation of the second save, and the first save's rename
+    # (a complete temporary directory, with its manifest, that never got its name). Counted, not hard-coded, so a
+    # checkpoint that gains a file moves the points instead of breaking the test.
     args = train_args(tiny_tokenizer, tiny_data, tmp_path / "unused", *ONE_RANK)
-    proc = run_module("tests.train.kill_points", str(tmp_path), ",".join(map(str, points)), *args, timeout=900)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    proc = run_module("tests.train.checkpoint.kill_points", str(tmp_path), "auto", *args, timeout=900)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ops, rows = lines[0]["ops"], lines[1:]
+    first_latest = ops.index("rename to latest") + 1
+    last_latest = len(ops) - ops[::-1].index("rename to latest")
+    points = [ops.index("rename to step_00000001") + 1, *range(first_latest + 1, len(ops) + 1)]
     assert [r["kill_at"] for r in rows] == points
     for row in rows:
-        # `latest` moves at operation 11 (first save) and 22 (second): a kill before it resumes from the save before.
-        expected = None if row["kill_at"] <= 11 else "step_00000001" if row["kill_at"] <= 22 else "step_00000002"
+        # `latest` moves at the first save's and at the second save's rename: a kill before it resumes from the save
+        # before.
+        kill_at = row["kill_at"]
+        expected = None if kill_at <= first_latest else "step_00000001" if kill_at <= last_latest else "step_00000002"
         assert row["signal"] == signal.SIGKILL, row
         assert row["resume_from"] == expected, row
         assert row["resumed_ok"] and row["losses_equal"], row  # same losses as the uninterrupted run, every step
         assert row["resumed_line"] == (expected is not None), row
         assert row["final_latest"] == "step_00000002" and row["left_over"] == [], row
-    assert [r["killed_before"] for r in rows] == [
+    killed_before = [r["killed_before"] for r in rows]
+    assert killed_before == [ops[n - 1] for n in points]
+    # Every kind of file, in this order (a new kind of file may come in between).
+    required = [
         "rename to step_00000001",
         "mkdir .tmp-step_00000002",
         "model.safetensors",
@@ -63,21 +74,31 @@ def test_kill_9_at_every_file_operation_of_a_save_resumes_exactly(tiny_tokenizer
         "rename to latest",
         "remove step_00000001",
     ]
+    it = iter(killed_before)
+    assert all(name in it for name in required), killed_before
+    assert killed_before[-4:] == required[-4:]  # the commit comes last: rename, pointer, retention
 
 
 @pytest.mark.slow
 def test_kill_9_of_a_two_process_job_during_a_save_resumes_exactly(trained_run, tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "killed"
     args = train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2")
-    # Rank 0's operations 12-22 are the save at step 10; 18 comes just before it writes its optimizer shard, while
-    # rank 1 writes its own: the whole job (agent and both ranks) dies mid-save.
+    # Rank 0's file operations of one save, listed by a 1-rank run; in this job the second save (step 10) follows a
+    # first of the same length. Kill just before rank 0 writes its optimizer shard of the second save, while rank 1
+    # writes its own: the whole job (agent and both ranks) dies mid-save.
+    listing = train_args(tiny_tokenizer, tiny_data, tmp_path / "unused", *ONE_RANK)
+    ops = json.loads(run_module("tests.train.checkpoint.kill_points", str(tmp_path / "list"), "list", *listing).stdout)
+    ops = ops["ops"]
+    first_save = ops.index("rename to latest") + 1
+    n = first_save + ops.index("zero_pp_rank_0_mp_rank_00_optim_states.pt") + 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     pipe = subprocess.PIPE
-    proc = subprocess.Popen(cmd + args + ["debug.kill_during_save_at=18"], cwd=REPO, env=env, stdout=pipe, stderr=pipe)
+    kill = [f"debug.kill_during_save_at={n}"]
+    proc = subprocess.Popen(cmd + args + kill, cwd=REPO, env=env, stdout=pipe, stderr=pipe)
     _, stderr = proc.communicate(timeout=300)  # returns only once no rank is left holding the pipes
     assert proc.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
-    assert b"kill -9 before file operation 18" in stderr
+    assert f"kill -9 before file operation {n} of this launch's saves (zero_pp_rank_0".encode() in stderr
     ckpt_dir = run_dir / "checkpoints"
     assert (ckpt_dir / ".tmp-step_00000010").is_dir() and not (ckpt_dir / "step_00000010").exists()
     assert checkpoint.latest_tag(ckpt_dir) == "step_00000005"
@@ -108,7 +129,7 @@ def test_a_damaged_or_unfinished_checkpoint_is_skipped_with_a_warning(two_checkp
     assert "ignoring checkpoint" in capsys.readouterr().err
     optim.write_bytes(bytes(data[:1000]))  # truncated: a size check is enough
     assert checkpoint.latest_tag(ckpt_dir, verify_hashes=False) == "step_00000005"
-    (ckpt_dir / "step_00000005" / checkpoint.CKPT_MANIFEST).unlink()  # as a save interrupted before its manifest
+    (ckpt_dir / "step_00000005" / layout.CKPT_MANIFEST).unlink()  # as a save interrupted before its manifest
     assert checkpoint.latest_tag(ckpt_dir) is None
     err = capsys.readouterr().err
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 bytes" in err and "no manifest.json" in err
@@ -119,7 +140,7 @@ def test_retention_keeps_the_last_k_every_mth_and_latest(tmp_path):
         (tmp_path / checkpoint.tag_for(step)).mkdir()
     (tmp_path / "latest").write_text("step_00000002")  # e.g. a run that resumed from step 2 before saving step 12
     victims = checkpoint.retention_victims(tmp_path, 12, keep_last=3, keep_every=5)
-    kept = {checkpoint.step_of(t) for t in checkpoint._tags(tmp_path)} - {checkpoint.step_of(v) for v in victims}
+    kept = {checkpoint.step_of(t) for t in layout._tags(tmp_path)} - {checkpoint.step_of(v) for v in victims}
     assert kept == {2, 5, 10, 11, 12}
     assert checkpoint.retention_victims(tmp_path, 12, keep_last=0, keep_every=5) == []  # 0 keeps everything
     # Tags past the step being saved (an abandoned history) are neither counted nor deleted.
@@ -191,9 +212,9 @@ class _Planted:
 def _plant(tag_dir: Path, name: str, marker: Path) -> None:
     """Replace one file by a malicious pickle and update the manifest (an attacker can rewrite it too)."""
     torch.save({"optimizer_state_dict": _Planted(marker)}, tag_dir / name)
-    manifest = json.loads((tag_dir / checkpoint.CKPT_MANIFEST).read_text())
-    manifest["files"][name] = checkpoint._sha256(tag_dir / name)
-    (tag_dir / checkpoint.CKPT_MANIFEST).write_text(json.dumps(manifest))
+    manifest = json.loads((tag_dir / layout.CKPT_MANIFEST).read_text())
+    manifest["files"][name] = layout.sha256_of(tag_dir / name)
+    (tag_dir / layout.CKPT_MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.mark.slow
@@ -203,7 +224,7 @@ def test_an_untrusted_pickle_is_refused_not_executed(two_checkpoints, tiny_token
     _plant(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
     # DeepSpeed's own loaders pass weights_only=False; inside safe_loading they are refused all the same.
     with pytest.raises(ValueError, match="refused to load checkpoint .*needs arbitrary code to unpickle"):
-        with checkpoint.safe_loading(tag_dir):
+        with weights_only_loading(tag_dir):
             torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
     assert not marker.exists()
     # A real resume (1 rank: the checkpoint first goes through DeepSpeed's universal conversion) refuses it too.

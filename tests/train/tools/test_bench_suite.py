@@ -13,10 +13,10 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Block, Transformer
-from train.tools.bench_suite import markers, search_max, write_table
 from train.engine.optimize import check_fp8, compile_blocks
+from train.tools.bench_suite import markers, search_max, write_table
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("limit", [0, 1, 3, 5, 8, 13, 64, 1000])
@@ -86,7 +86,7 @@ def test_compile_blocks_keeps_names_and_results():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only error path")
 def test_fp8_without_gpu_or_torchao_is_a_clear_error():
-    with pytest.raises(ValueError, match="train.fp8=true"):
+    with pytest.raises(ValueError, match="execution.fp8=true"):
         check_fp8()
 
 

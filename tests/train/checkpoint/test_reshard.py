@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import STEPS, run_module, train_args
 from train import checkpoint
+from train.checkpoint.compat import needs_universal
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_two_rank_zero2_checkpoint_resumes_resharded(
 
 def test_which_changes_go_through_the_universal_checkpoint():
     with pytest.raises(ValueError, match="universal checkpoint, which needs ZeRO 1-3 on both sides"):
-        checkpoint.needs_universal({"world_size": 2, "zero_stage": 0}, 1, 2, Path("ckpt"))
-    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 0}, 1, 0, Path("ckpt"))
-    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 2}, 2, 2, Path("ckpt"))
-    assert checkpoint.needs_universal({"world_size": 2, "zero_stage": 2}, 2, 1, Path("ckpt"))
+        needs_universal({"world_size": 2, "zero_stage": 0}, 1, 2, Path("ckpt"))
+    assert not needs_universal({"world_size": 2, "zero_stage": 0}, 1, 0, Path("ckpt"))
+    assert not needs_universal({"world_size": 2, "zero_stage": 2}, 2, 2, Path("ckpt"))
+    assert needs_universal({"world_size": 2, "zero_stage": 2}, 2, 1, Path("ckpt"))

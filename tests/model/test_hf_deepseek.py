@@ -9,10 +9,10 @@ import torch
 import transformers
 
 from model.config import MoEConfig, MTPConfig
+from model.hf import hf_deepseek_config, save_hf_model, to_hf_state_dict
 from model.transformer import Transformer
 from tests.helpers import one_thread  # noqa: F401  (autouse fixture)
 from tests.model.test_deepseek import ds_cfg
-from model.hf import hf_deepseek_config, save_hf_model, to_hf_state_dict
 
 
 def train_a_little(model: Transformer, steps: int = 5) -> None:

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node 2 -m tests.train.ep_worker CASE`: expert-parallel checks that need two real ranks.
+"""`torchrun --nproc_per_node 2 -m tests.train.engine.ep_worker CASE`: expert-parallel checks that need two real ranks.
 
 layer: sharded Experts with the all-to-all dispatcher against the full Experts on the same inputs (outputs, input,
   gate and weight gradients; grouped_mm and loop), also with every token routed to rank 0's experts and rank 1
@@ -65,29 +65,32 @@ def compare(full, shard, case: str) -> None:
 
 
 def check_skewed_zero3() -> None:
-    from model.config import ModelConfig, MoEConfig
-    from train.trainer.build import build_model
-    from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
+    from model.config import ExecutionConfig, ModelConfig, MoEConfig
+    from train.config import BalanceConfig, DeepSpeedConfig, MTPWeightConfig, OptimConfig, TrainConfig
+    from train.engine.deepspeed_engine import build_engine
     from train.engine.distributed import Dist
-from train.engine.deepspeed_engine import build_engine
+    from train.trainer.build import build_model
     from train.trainer.layout import make_layout
+    from train.trainer.objective import Objective
 
-    moe = MoEConfig(enabled=True, n_routed_experts=8, top_k=2, ffn_hidden=16, n_group=2, topk_group=2, ep_size=2)
+    moe = MoEConfig(enabled=True, n_routed_experts=8, top_k=2, ffn_hidden=16, n_group=2, topk_group=2)
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64, moe=moe)
-    model = build_model(cfg, seed=0, zero_stage=3)
+    model = build_model(cfg, ExecutionConfig(), ep_size=2, seed=0, zero_stage=3)
     for layer in model.moe_layers():
         layer.gate.e_score_correction_bias[:2] = 10.0  # every token picks experts 0 and 1 (rank 0's)
     train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=2, max_steps=2)
     layout = make_layout(64, 16, 2, 2)
     d = Dist(dist.get_rank(), 2, dist.get_rank(), 2, torch.device("cpu"))
     engine, _, _ = build_engine(model, train, OptimConfig(), DeepSpeedConfig(zero_stage=3), layout, d)
+    objective = Objective(BalanceConfig(), MTPWeightConfig(), d.device)
     torch.manual_seed(dist.get_rank())
     for _ in range(2):
         x = torch.randint(64, (2, 17))
-        loss = engine(x[:, :-1], x[:, 1:])
+        out = engine(x[:, :-1], x[:, 1:])
+        loss = objective.loss(out)
         engine.backward(loss)
         engine.step()
-        loads = torch.stack([m.last_load for m in model.moe_layers()])
+        loads = out.expert_loads
         assert torch.isfinite(loss) and loads[:, 2:].sum() == 0 and loads[:, :2].sum() > 0
 
 

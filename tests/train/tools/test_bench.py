@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KEYS = {"device", "model", "params", "seq_len", "micro_batch_size", "tokens_per_s", "mfu", "peak_mem_gb"}
 
 

@@ -68,7 +68,7 @@ def test_flash_attn_requested_but_missing(args):
         pass
     proc = pretrain(*args, "model.attn_backend=flash_attn")
     assert proc.returncode == 2
-    assert "flash-attn is not installed" in proc.stderr and "model.attn_backend=sdpa" in proc.stderr
+    assert "flash-attn is not installed" in proc.stderr and "execution.attn_backend=sdpa" in proc.stderr
 
 
 def test_invalid_value_is_named(args):

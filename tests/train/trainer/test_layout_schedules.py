@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from train.trainer.layout import make_layout
 from train.engine.schedules import lr_multiplier
+from train.trainer.layout import make_layout
 
 
 def test_layout_derives_grad_accum():

@@ -10,8 +10,8 @@ from train.trainer.layout import check_ep_size
 
 
 def ep_worker(case: str) -> str:
-    """Run tests/train/ep_worker.py CASE on 2 CPU ranks; a hang fails on the timeout."""
-    args = ("torchrun", "--standalone", "--nproc_per_node=2", "-m", "tests.train.ep_worker", case)
+    """Run tests/train/engine/ep_worker.py CASE on 2 CPU ranks; a hang fails on the timeout."""
+    args = ("torchrun", "--standalone", "--nproc_per_node=2", "-m", "tests.train.engine.ep_worker", case)
     return run_module(*args, timeout=240).stdout
 
 
@@ -30,8 +30,8 @@ def test_default_dispatcher_keeps_every_expert_local():
     from model.moe import ExpertDispatcher, MoE
 
     torch.manual_seed(0)
-    layer = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, ffn_hidden=8, ep_size=2))
-    assert layer.experts.gate_up_proj.shape[0] == 4  # no dispatcher: all experts, whatever ep_size says
+    layer = MoE(16, MoEConfig(enabled=True, n_routed_experts=4, ffn_hidden=8))
+    assert layer.experts.gate_up_proj.shape[0] == 4  # no dispatcher: all experts (ep_size is the dispatcher's)
     x, counts = torch.randn(5, 16), torch.tensor([2, 0, 3, 0])
     recv_counts, handle = ExpertDispatcher().plan(counts)
     assert recv_counts.tolist() == [[2, 0, 3, 0]]

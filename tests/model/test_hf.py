@@ -12,8 +12,8 @@ import transformers
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
-from model.transformer import Transformer
 from model.hf import hf_llama_config, save_hf_model, to_hf_state_dict
+from model.transformer import Transformer
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny.yaml"
 
