@@ -10,7 +10,8 @@ setup(
     packages=["model", "tokenizer", "data_pipeline", "train", "launch"],
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.16",
+        # The DeepSpeed versions train/engine/deepspeed_compat.py's workarounds were checked on (tested by its canaries).
+        "deepspeed>=0.19.8,<0.20",
         "sentencepiece>=0.2",
         "datasets>=3.0",
         "wandb>=0.18",

@@ -17,10 +17,10 @@ fi
 declare -A VARIANTS=(
   [dense_gqa]="model.attention=gqa model.n_kv_heads=2 model.moe.enabled=false model.mtp.depth=0"
   [dense_mla]="model.attention=mla model.moe.enabled=false model.mtp.depth=0"
-  [moe_auxfree]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.mtp.depth=0"
-  [moe_auxloss]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_loss model.mtp.depth=0"
-  [moe_auxfree_mtp]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.mtp.depth=1"
-  [moe_auxfree_g1e-2]="model.attention=mla model.moe.enabled=true model.moe.balance=aux_free model.moe.gamma=0.01 model.mtp.depth=0"
+  [moe_auxfree]="model.attention=mla model.moe.enabled=true train.moe.balance=aux_free model.mtp.depth=0"
+  [moe_auxloss]="model.attention=mla model.moe.enabled=true train.moe.balance=aux_loss model.mtp.depth=0"
+  [moe_auxfree_mtp]="model.attention=mla model.moe.enabled=true train.moe.balance=aux_free model.mtp.depth=1"
+  [moe_auxfree_g1e-2]="model.attention=mla model.moe.enabled=true train.moe.balance=aux_free train.moe.gamma=0.01 model.mtp.depth=0"
 )
 SEQ=128
 flops() {  # FLOPs/token of model=deepseek_tiny with overrides $1 (vocab from the tokenizer)

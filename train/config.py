@@ -444,12 +444,115 @@ class ExportConfig:
     """Checkpoint tag to export; null = latest."""
 
 
+@dataclass
+class BenchConfig:
+    """One synthetic-token training benchmark (forward + backward + AdamW step, one process)."""
+
+    seq_len: int = 1024
+    micro_batch_size: int = 4
+    steps: int = 20
+    """Timed steps."""
+    warmup: int = 3
+    """Untimed steps first (allocator, kernel autotuning, lazy init)."""
+    peer: bool = True
+    """Also time transformers' LlamaForCausalLM with the same config, weights and batch."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on an accelerator, fp32 on cpu), fp32 or bf16 (autocast)."""
+    device: str = "auto"
+    """auto (the accelerator if there is one, else cpu) or a torch device string."""
+    seed: int = 0
+    doc_len: int = 0
+    """Mean document length of the random rows: an eos (model.eos_id, else 2) at each position with probability
+    1/doc_len, for model.doc_masking; 0 plants none. The peer is never doc-masked."""
+    impl: str = "hangang"
+    """Model timed first: hangang (ours, then the peer when bench.peer) | transformers (only the peer)."""
+    compile: bool = False
+    """torch.compile each decoder block of our model (as train.compile); warmup steps absorb the compile time."""
+    fp8: bool = False
+    """torchao float8 linears in our model's blocks (as train.fp8; Hopper GPUs)."""
+    suite: str | None = None
+    """Path of a suite file (configs/bench_suite/*.yaml): run each variant in a fresh subprocess, write a table."""
+    table_out: str | None = None
+    """Suite: Markdown file for the table; an existing file keeps everything outside the bench-suite markers."""
+    find_max_micro_batch: bool = False
+    """Search the largest micro-batch that fits (doubling from bench.micro_batch_size, then bisection; one
+    subprocess per try); in a suite, for every variant."""
+    max_micro_batch: int = 1024
+    """Upper bound of that search."""
+    variant_timeout_s: int = 900
+    """Suite / search: a subprocess running longer is killed and recorded as a timeout."""
+
+    def __post_init__(self) -> None:
+        if self.impl not in ("hangang", "transformers"):
+            raise ValueError(f"bench.impl={self.impl!r}: choose hangang or transformers")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"bench.dtype={self.dtype!r}: choose auto, fp32 or bf16")
+        for key in ("seq_len", "micro_batch_size", "steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"bench.{key} must be positive, got {getattr(self, key)}")
+        if self.warmup < 0 or self.doc_len < 0:
+            raise ValueError(f"bench.warmup and bench.doc_len must be >= 0, got {self.warmup}, {self.doc_len}")
+
+
+@dataclass
+class BenchRoot:
+    """Schema of configs/bench.yaml (registered as `bench_schema`): an unknown key fails at compose time."""
+
+    model: ModelNode = field(default_factory=ModelNode)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    """Kernels, loss and activation checkpointing of ours (compile and fp8 come from bench.compile / bench.fp8)."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, ModelNode):  # moved keys were taken out by move_deprecated_keys
+            self.model = self.model.model_config()
+
+
+@dataclass
+class LmEvalConfig:
+    """Root of `configs/lm_eval.yaml`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    tasks: list[str] = field(default_factory=lambda: ["ko_nsmc_sentiment"])
+    num_fewshot: int = 0
+    limit: int | None = None
+    """Examples per task (null = all)."""
+    batch_size: int = 16
+    device: str = "auto"
+
+
+@dataclass
+class ReportRoot:
+    """Root of configs/report.yaml."""
+
+    runs: list[str] = field(default_factory=list)
+    """Run directories, or sweep directories holding them."""
+    out: str | None = None
+    """Where report.md and the loss-curve PNGs go."""
+
+
+@dataclass
+class SummaryRoot:
+    """Root of configs/summary.yaml: `python -m train.summary run=RUN_DIR hf=HF_DIR [eval=EVAL_JSON]`."""
+
+    run: str | None = None
+    """The run directory (metrics.jsonl)."""
+    hf: str | None = None
+    """The exported Hugging Face model directory (generates a continuation from it)."""
+    eval: str | None = None
+    """The JSON printed by train.evaluate (optional)."""
+
+
 def register_configs() -> None:
     """Register root schemas so Hydra validates every composed config against them."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=PretrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="bench_schema", node=BenchRoot)
+    cs.store(name="lm_eval_schema", node=LmEvalConfig)
+    cs.store(name="report_schema", node=ReportRoot)
+    cs.store(name="summary_schema", node=SummaryRoot)
 
 
 register_configs()

@@ -1,8 +1,6 @@
-"""`python -m train.summary RUN_DIR HF_DIR EVAL_JSON`: what the demo prints at the end (train.tools.summary)."""
-
-import sys
+"""`python -m train.summary run=RUN_DIR hf=HF_DIR [eval=EVAL_JSON]`: the demo's closing report (train.tools.summary)."""
 
 from train.tools.summary import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

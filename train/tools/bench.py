@@ -16,11 +16,9 @@ import gc
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
@@ -42,73 +40,12 @@ from model.flops import flops_per_token
 from model.hf import hf_architecture, hf_config, to_hf_state_dict
 from model.output import ModelOutput
 from model.transformer import Transformer, num_params
+from train.config import BenchConfig, BenchRoot, move_deprecated_keys
 from train.engine.optimize import optimize_model
 from train.tools import CONFIGS
+from train.tools.bench_suite import find_max_micro_batch, overrides_from_argv, run_suite
 
 HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2", "flex": "flex_attention"}
-
-
-@dataclass
-class BenchConfig:
-    """One synthetic-token training benchmark (forward + backward + AdamW step, one process)."""
-
-    seq_len: int = 1024
-    micro_batch_size: int = 4
-    steps: int = 20
-    """Timed steps."""
-    warmup: int = 3
-    """Untimed steps first (allocator, kernel autotuning, lazy init)."""
-    peer: bool = True
-    """Also time transformers' LlamaForCausalLM with the same config, weights and batch."""
-    dtype: str = "auto"
-    """auto (bf16 autocast on an accelerator, fp32 on cpu), fp32 or bf16 (autocast)."""
-    device: str = "auto"
-    """auto (the accelerator if there is one, else cpu) or a torch device string."""
-    seed: int = 0
-    doc_len: int = 0
-    """Mean document length of the random rows: an eos (model.eos_id, else 2) at each position with probability
-    1/doc_len, for model.doc_masking; 0 plants none. The peer is never doc-masked."""
-    impl: str = "hangang"
-    """Model timed first: hangang (ours, then the peer when bench.peer) | transformers (only the peer)."""
-    compile: bool = False
-    """torch.compile each decoder block of our model (as train.compile); warmup steps absorb the compile time."""
-    fp8: bool = False
-    """torchao float8 linears in our model's blocks (as train.fp8; Hopper GPUs)."""
-    suite: str | None = None
-    """Path of a suite file (configs/bench_suite/*.yaml): run each variant in a fresh subprocess, write a table."""
-    table_out: str | None = None
-    """Suite: Markdown file for the table; an existing file keeps everything outside the bench-suite markers."""
-    find_max_micro_batch: bool = False
-    """Search the largest micro-batch that fits (doubling from bench.micro_batch_size, then bisection; one
-    subprocess per try); in a suite, for every variant."""
-    max_micro_batch: int = 1024
-    """Upper bound of that search."""
-    variant_timeout_s: int = 900
-    """Suite / search: a subprocess running longer is killed and recorded as a timeout."""
-
-    def __post_init__(self) -> None:
-        if self.impl not in ("hangang", "transformers"):
-            raise ValueError(f"bench.impl={self.impl!r}: choose hangang or transformers")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"bench.dtype={self.dtype!r}: choose auto, fp32 or bf16")
-        for key in ("seq_len", "micro_batch_size", "steps"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"bench.{key} must be positive, got {getattr(self, key)}")
-        if self.warmup < 0 or self.doc_len < 0:
-            raise ValueError(f"bench.warmup and bench.doc_len must be >= 0, got {self.warmup}, {self.doc_len}")
-
-
-@dataclass
-class BenchRoot:
-    """Schema of configs/bench.yaml (registered as `bench_schema`): an unknown key fails at compose time."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    """Kernels, loss and activation checkpointing of ours (compile and fp8 come from bench.compile / bench.fp8)."""
-    bench: BenchConfig = field(default_factory=BenchConfig)
-
-
-ConfigStore.instance().store(name="bench_schema", node=BenchRoot)
 
 
 def _reset_peak_mem(device: torch.device) -> float:
@@ -282,14 +219,11 @@ def run(root: BenchRoot) -> dict:
 @hydra.main(config_path=CONFIGS, config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
+        move_deprecated_keys(cfg)
         root = to_object_strict(cfg)  # runs the dataclass __post_init__ checks
         if root.bench.suite:
-            from train.tools.bench_suite import run_suite
-
             run_suite(root.bench)
         elif root.bench.find_max_micro_batch:
-            from train.tools.bench_suite import find_max_micro_batch, overrides_from_argv
-
             print(json.dumps(find_max_micro_batch(overrides_from_argv(), root.bench)), flush=True)
         else:
             print(json.dumps(run(root)), flush=True)

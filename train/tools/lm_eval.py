@@ -12,39 +12,21 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import device_type
 from train.checkpoint import latest_tag
-from train.config import RunConfig
+from train.config import LmEvalConfig
 from train.tools import CONFIGS
 from train.tools.export import export
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 EVAL_DATA = REPO / "data" / "eval"
-
-
-@dataclass
-class LmEvalConfig:
-    """Root of `configs/lm_eval.yaml`."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    tasks: list[str] = field(default_factory=lambda: ["ko_nsmc_sentiment"])
-    num_fewshot: int = 0
-    limit: int | None = None
-    """Examples per task (null = all)."""
-    batch_size: int = 16
-    device: str = "auto"
-
-
-ConfigStore.instance().store(name="lm_eval_schema", node=LmEvalConfig)
 
 
 def shipped_tasks(out_dir: Path) -> Path:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import hydra
 import yaml
-from hydra.core.config_store import ConfigStore
 
 from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
+from train.config import ReportRoot
 from train.tools import CONFIGS
 
 IGNORED_PREFIXES = ("run.", "logging.", "checkpoint.", "tokenizer.path", "data.path", "train.eval_")
@@ -200,19 +200,6 @@ def write_report(paths: list[str], out: str | Path) -> Path:
 
 
 USAGE = "usage: python -m train.report SWEEP_OR_RUN_DIRS... out=REPORT_DIR  (or runs=[DIR,...] out=REPORT_DIR)"
-
-
-@dataclass
-class ReportRoot:
-    """Root of configs/report.yaml."""
-
-    runs: list[str] = field(default_factory=list)
-    """Run directories, or sweep directories holding them."""
-    out: str | None = None
-    """Where report.md and the loss-curve PNGs go."""
-
-
-ConfigStore.instance().store(name="report_schema", node=ReportRoot)
 
 
 def hydra_args(args: list[str]) -> list[str]:

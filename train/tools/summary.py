@@ -1,4 +1,5 @@
-"""`python -m train.summary RUN_DIR HF_DIR [EVAL_JSON]`: the demo's closing report and a Korean continuation.
+"""`python -m train.summary run=RUN_DIR hf=HF_DIR [eval=EVAL_JSON]` (also `RUN_DIR HF_DIR [EVAL_JSON]`): the demo's
+closing report and a Korean continuation.
 
 Reads metrics.jsonl of the run, the evaluation results, and generates from the exported Hugging Face model with
 transformers (so the continuation also proves the export loads and runs outside Hangang).
@@ -10,6 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
+
+from data_pipeline.cli import hydra_quote, to_object_strict, user_errors
+from train.config import SummaryRoot
+from train.tools import CONFIGS
 from train.tools.report import read_metrics
 
 PROMPT = "대한민국의 역사는"
@@ -29,9 +36,21 @@ def generate(hf_dir: Path, prompt: str, max_new_tokens: int = 48, seed: int = 0)
     return tok.decode(out[0], skip_special_tokens=True)
 
 
-def main(argv: list[str]) -> None:
-    run_dir, hf_dir = Path(argv[0]), Path(argv[1])
-    evals = json.loads(Path(argv[2]).read_text().strip().splitlines()[-1]) if len(argv) > 2 else {}
+USAGE = "usage: python -m train.summary run=RUN_DIR hf=HF_DIR [eval=EVAL_JSON]  (or RUN_DIR HF_DIR [EVAL_JSON])"
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """The positional `RUN_DIR HF_DIR [EVAL_JSON]` as Hydra overrides; flags and overrides pass through."""
+    positional = [a for a in args if not a.startswith("-") and "=" not in a]
+    if len(positional) > 3:
+        raise ValueError(f"{USAGE}: got {len(positional)} positional arguments")
+    rest = [a for a in args if a not in positional]
+    return rest + [f"{key}={hydra_quote(v)}" for key, v in zip(("run", "hf", "eval"), positional, strict=False)]
+
+
+def summarize(run: str, hf: str, eval_json: str | None) -> None:
+    run_dir, hf_dir = Path(run), Path(hf)
+    evals = json.loads(Path(eval_json).read_text().strip().splitlines()[-1]) if eval_json else {}
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r]
     vals = [r for r in rows if r.get("val_loss") is not None]
@@ -58,5 +77,16 @@ def main(argv: list[str]) -> None:
     print(f"\nprompt      {PROMPT}\ncontinuation {text}")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+@hydra.main(config_path=CONFIGS, config_name="summary", version_base="1.3")
+def run_cli(raw: DictConfig) -> None:
+    with user_errors():
+        root: SummaryRoot = to_object_strict(raw)
+        if not root.run or not root.hf:
+            raise ValueError(USAGE)
+        summarize(root.run, root.hf, root.eval)
+
+
+def main() -> None:
+    with user_errors():
+        sys.argv[1:] = hydra_args(sys.argv[1:])
+    run_cli()

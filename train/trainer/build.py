@@ -192,10 +192,10 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     # Order matters where components meet: the guard sees the loss before the update, the balancer and the
     # monitor close the step before validation, fault injection acts before the guard's rollback.
     components: list[Callback] = []
+    if debug:  # first: a stalled rank stalls before it checks in, so the heartbeat names it
+        components.append(faults.FaultInjection(cfg.debug, d.rank, d.world_size, loader.global_batch))
     if cfg.deepspeed.heartbeat:
         components.append(Heartbeat(cfg.deepspeed.timeout_minutes))
-    if debug:
-        components.append(faults.FaultInjection(cfg.debug, d.rank, d.world_size, loader.global_batch))
     spike = cfg.train.spike
     components.append(StabilityGuard(spike.window, spike.z_threshold, spike.max_consecutive))
     if plan.model.moe.enabled:

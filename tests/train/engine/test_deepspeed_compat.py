@@ -1,0 +1,129 @@
+"""Canaries for train/engine/deepspeed_compat.py: each DeepSpeed (or torch) behaviour a workaround relies on is
+checked here, so a release that changes one fails with the workaround's name instead of a wrong training run. The
+behaviour as a whole is exercised by the slow multi-process tests (expert parallelism, resharded resume, kill -9)."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import warnings
+
+import deepspeed
+import pytest
+import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from train.engine import deepspeed_compat as compat
+
+
+class Planted:
+    """A class a checkpoint must never make the loader build."""
+
+
+def test_installed_deepspeed_is_in_the_tested_range():
+    assert Version(deepspeed.__version__) in SpecifierSet(compat.TESTED_VERSIONS), (
+        f"deepspeed {deepspeed.__version__} is outside {compat.TESTED_VERSIONS}: check every workaround in "
+        "train/engine/deepspeed_compat.py against it, then widen TESTED_VERSIONS and setup.py"
+    )
+
+
+def test_setup_bounds_deepspeed_to_the_tested_range():
+    from tests.helpers import REPO
+
+    assert f'"deepspeed{compat.TESTED_VERSIONS}"' in (REPO / "setup.py").read_text()
+
+
+def test_expert_groups_private_api_exists():
+    from deepspeed.utils import groups
+
+    params = list(inspect.signature(groups._create_expert_and_data_parallel).parameters)
+    assert params[0] == "expert_parallel_size_", params  # create_expert_groups
+    for name in ("_get_expert_parallel_group_dict", "_get_expert_parallel_group", "_get_expert_data_parallel_group"):
+        assert callable(getattr(groups, name)), name
+
+
+def test_engine_detects_moe_by_its_moe_layer_class():
+    from deepspeed.runtime import engine
+
+    # expert_parallel_marker: the engine turns on its MoE paths only for a deepspeed.moe.layer.MoE child.
+    assert "isinstance(module, MoE)" in inspect.getsource(engine.DeepSpeedEngine)
+    assert "has_moe_layers = True" in inspect.getsource(engine.DeepSpeedEngine)
+
+
+def test_zero3_reads_per_parameter_partition_groups():
+    from deepspeed.runtime.zero import partition_parameters, stage3
+
+    # place_zero3_expert_param
+    assert "ds_zero_partition_process_group" in inspect.getsource(partition_parameters)
+    assert '"autoep_expert"' in inspect.getsource(stage3)
+
+
+def test_lr_scheduler_accepts_a_marked_step():
+    """gate_optimizer_step: the scheduler (built first, as build_engine does) wraps the optimizer's step; the gate
+    wraps that, and torch takes our marked step for its own wrapper (no "optimizer.step() has been overridden"
+    warning, and the scheduler still sees the optimizer step)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    calls = []
+    inner = compat.gate_optimizer_step(opt, lambda *a, **k: calls.append(1) or inner(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.grad = torch.ones(2)
+        opt.step()
+        sched.step()
+    assert calls == [1] and torch.equal(p.detach(), torch.full((2,), 0.9))
+
+
+def test_checkpoint_files_go_through_the_checkpoint_engine():
+    from deepspeed.runtime import engine
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    # count_checkpoint_writes wraps `engine.checkpoint_engine.save(state_dict, path)`.
+    assert list(inspect.signature(TorchCheckpointEngine.save).parameters)[1:3] == ["state_dict", "path"]
+    assert "self.checkpoint_engine.save(" in inspect.getsource(engine.DeepSpeedEngine._save_checkpoint)
+
+
+def test_weights_only_loading_refuses_code_in_any_torch_load(tmp_path):
+    """weights_only_loading: torch's environment override applies to loads that pass no weights_only (DeepSpeed's)."""
+    path = tmp_path / "planted.pt"
+    torch.save({"x": Planted()}, path)
+    assert isinstance(torch.load(path, weights_only=False)["x"], Planted)  # outside: loads what it is given
+    with pytest.raises(ValueError, match="refused to load checkpoint"):
+        with compat.weights_only_loading(tmp_path):
+            torch.load(path, weights_only=False)
+    with compat.weights_only_loading(tmp_path):
+        assert torch.equal(torch.load(_saved(tmp_path), weights_only=False)["t"], torch.ones(1))
+    assert pickle.loads(pickle.dumps(1)) == 1
+
+
+def _saved(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"t": torch.ones(1)}, path)
+    return path
+
+
+def test_ds_to_universal_takes_the_namespace_we_build():
+    from deepspeed.checkpoint import ds_to_universal
+
+    # convert_to_universal builds the script's argparse namespace by hand.
+    source = inspect.getsource(ds_to_universal.parse_arguments)
+    for flag in ("--input_folder", "--output_folder", "--num_extract_workers", "--num_merge_workers",
+                 "--keep_temp_folder", "--inject_missing_state"):  # fmt: skip
+        assert flag in source, flag
+    assert "dest='strict'" in source  # our namespace sets `strict` directly (the script's --no_strict clears it)
+    assert list(inspect.signature(ds_to_universal.main).parameters) == ["args"]
+
+
+def test_zero3_universal_loader_shortcuts_are_still_there():
+    """fix_zero3_universal_load and complete_universal_folder: ZeRO-3's universal loader reads the step from
+    `optimizer_state_dict` (which a ZeRO-1/2 conversion does not write), shares that one step tensor between all
+    parameters, and copies group 0's hyperparameters to every group. When a release changes any of these, this
+    fails: re-check the fixes (they may have become unnecessary or wrong)."""
+    from deepspeed.runtime.zero import stage3
+
+    source = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    assert "[OPTIMIZER_STATE_DICT]['state'][0]['step']" in source
+    assert "['step'] = state_step" in source
+    assert '[OPTIMIZER_STATE_DICT]["param_groups"][0].items()' in source
