@@ -24,8 +24,8 @@ from train.config import LmEvalConfig
 from train.tools import CONFIGS
 from train.tools.export import export
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+REPO = Path(__file__).resolve().parents[2]
+TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
 EVAL_DATA = REPO / "data" / "eval"
 
 

@@ -66,6 +66,7 @@ def main(root: Path, overrides: list[str], points: list[int] | None) -> None:
 
     from train.trainer import build  # noqa: F401
 
+    root.mkdir(parents=True, exist_ok=True)
     ref = root / "uninterrupted"
     os.environ["HANGANG_DEBUG_FILE_OPS"] = "1"  # the children print each file operation: the reference lists them
     never = "debug.kill_during_save_at=1000000"
