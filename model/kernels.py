@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from model.attention import Attention
 from model.config import KERNELS
 from model.loss import load_liger
+from model.moe import MLP, Experts
+from model.norm import RMSNorm
 
 
 def use_kernels(model: nn.Module, kernels: str) -> nn.Module:
     """Switch every RMSNorm, MLP, Experts and Attention in model to `kernels` (torch | liger); returns model."""
-    from model.attention import Attention
-    from model.moe import MLP, Experts
-    from model.norm import RMSNorm
-
     if kernels not in KERNELS:
         raise ValueError(f"execution.kernels={kernels!r}: choose one of {KERNELS}")
     lf = load_liger("kernels") if kernels == "liger" else None

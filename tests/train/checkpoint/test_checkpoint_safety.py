@@ -87,8 +87,8 @@ def test_kill_9_of_a_two_process_job_during_a_save_resumes_exactly(trained_run, 
     # first of the same length. Kill just before rank 0 writes its optimizer shard of the second save, while rank 1
     # writes its own: the whole job (agent and both ranks) dies mid-save.
     listing = train_args(tiny_tokenizer, tiny_data, tmp_path / "unused", *ONE_RANK)
-    ops = json.loads(run_module("tests.train.checkpoint.kill_points", str(tmp_path / "list"), "list", *listing).stdout)
-    ops = ops["ops"]
+    out = run_module("tests.train.checkpoint.kill_points", str(tmp_path / "list"), "list", *listing).stdout
+    ops = next(json.loads(line) for line in out.splitlines() if line.startswith('{"ops"'))["ops"]
     first_save = ops.index("rename to latest") + 1
     n = first_save + ops.index("zero_pp_rank_0_mp_rank_00_optim_states.pt") + 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain"]
