@@ -202,6 +202,9 @@ class MLAttention(nn.Module):
 
     attention: Callable[..., torch.Tensor] = staticmethod(attend)
     """As `Attention.attention`."""
+    shared_key: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda t: t)
+    """Applied to the RoPE key shared by all heads. Identity; under tensor parallelism (train/) each rank's heads
+    give only part of its gradient, so it becomes copy-to-tensor-parallel-region (gradient all-reduced)."""
 
     LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with its default eps, not rms_norm_eps
 
@@ -238,7 +241,7 @@ class MLAttention(nn.Module):
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, -1, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, T, nope), (B, H, T, v)
-        k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
+        k_rope = apply_rotary(self.shared_key(k_rope).unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope)), dim=-1)
         y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, H, T, v)

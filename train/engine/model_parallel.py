@@ -17,6 +17,8 @@ all-to-all brings its shard back. The model itself knows only its `SequenceShard
 
 from __future__ import annotations
 
+import functools
+
 import torch.distributed as dist
 from torch import nn
 
@@ -59,7 +61,8 @@ def prepare_tensor_parallel(model: nn.Module) -> None:
 
 
 def adopt_vocab_parallel_head(model: nn.Module) -> None:
-    """After deepspeed.initialize: the head AutoTP built computes our loss (labels, n_valid) on its logit shard."""
+    """After deepspeed.initialize: the head AutoTP built computes our loss (labels, n_valid) on its logit shard, and
+    MLA's shared RoPE key gets its whole gradient."""
     from deepspeed.module_inject.layers import VocabParallelLinear
 
     head = model.lm_head
@@ -68,6 +71,13 @@ def adopt_vocab_parallel_head(model: nn.Module) -> None:
     head.__class__ = _vocab_parallel_head_class()
     model._modules.pop("loss_function", None)
     model.__dict__.pop("loss_function", None)
+    from deepspeed.module_inject.layers import ColumnParallel
+
+    group = head.mp_group
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            # The RoPE key feeds every head, and this rank holds only some: sum its gradient over the group.
+            module.shared_key = functools.partial(ColumnParallel.apply, group)
 
 
 _HEAD_CLASS = None
