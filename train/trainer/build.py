@@ -126,7 +126,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             )
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
-        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag)
+        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
     return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal)
 
 
@@ -194,7 +194,8 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     loader, val, val_sources = build_data(plan, dp_rank, par.dp)
     meta = model_meta(plan.model, plan.tokenizer_sha256, cfg.execution, zero_stage=cfg.deepspeed.zero_stage,
                       world_size=d.world_size, ep_size=cfg.parallel.ep_size if plan.model.moe.enabled else 1,
-                      seq_len=cfg.train.seq_len, data_path=str(cfg.data.path),
+                      seq_len=cfg.train.seq_len, data_path=str(cfg.data.path), tp_size=par.tp, sp_size=par.sp,
+                      pp_size=par.pp,
                       tokenizer_path=str(cfg.tokenizer.path))  # fmt: skip
     debug = faults.active(cfg.debug)
     kill_points = faults.KillDuringSave(cfg.debug.kill_during_save_at) if debug else None

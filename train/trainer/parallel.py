@@ -60,7 +60,7 @@ class ParallelLayout:
                 "them above 1 and use data and expert parallelism for the rest"
             )
         if tp > 1:
-            self._check_tp(model)
+            self._check_tp(model, zero_stage)
         if sp > 1:
             self._check_sp(model, seq_len)
         if pp > 1:
@@ -68,8 +68,13 @@ class ParallelLayout:
         if ep > 1:
             self._check_ep(model, zero_stage)
 
-    def _check_tp(self, model: ModelConfig) -> None:
+    def _check_tp(self, model: ModelConfig, zero_stage: int) -> None:
         tp = self.tp
+        if zero_stage == 0:
+            raise ValueError(
+                f"parallel.tp_size={tp} with deepspeed.zero_stage=0: without ZeRO the gradient norm for clipping is "
+                "each rank's local norm, which misses the other ranks' shards. Use deepspeed.zero_stage=1, 2 or 3"
+            )
         heads = [("model.n_heads", model.n_heads)]
         if model.attention != "mla":
             heads.append(("model.n_kv_heads", model.n_kv_heads))
@@ -114,12 +119,11 @@ class ParallelLayout:
                 f"parallel.pp_size={pp} exceeds model.n_layers={model.n_layers}: every stage needs at least one "
                 "decoder layer. Use pp_size <= n_layers"
             )
-        if model.moe.enabled:
-            raise ValueError(
-                f"parallel.pp_size={pp} with a MoE model: the expert loads and balance losses of the aux-free "
-                "balancer do not cross pipeline stages here yet. Use parallel.pp_size=1 for MoE models (data, "
-                "expert and sequence parallelism compose with them)"
-            )
+        raise ValueError(
+            f"parallel.pp_size={pp}: pipeline parallelism (DeepSpeed PipelineModule + train_batch) is not "
+            "implemented in this version of Hangang. Use parallel.pp_size=1; to fit a larger model use "
+            "parallel.tp_size, deepspeed.zero_stage=3 or expert parallelism"
+        )
 
     def _check_ep(self, model: ModelConfig, zero_stage: int) -> None:
         if self.tp > 1:
