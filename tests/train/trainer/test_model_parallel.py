@@ -24,7 +24,8 @@ def _id(model: tuple[str, ...]) -> str:
 
 
 def args(tok: Path, data: Path, run_dir: Path, model: tuple[str, ...], *extra: str) -> list[str]:
-    keep = [a for a in train_args(tok, data, run_dir) if not a.startswith(("model=", "train.max_steps=", "checkpoint.", "train.eval_every="))]
+    replaced = ("model=", "train.max_steps=", "checkpoint.", "train.eval_every=")
+    keep = [a for a in train_args(tok, data, run_dir) if not a.startswith(replaced)]
     return [*keep, *model, f"train.max_steps={STEPS}", "checkpoint.every_steps=3", "train.eval_every=3", *extra]
 
 

@@ -28,8 +28,13 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
         (ParallelLayout(4, tp=2, sp=2), NANO, 64, 1, "only one of tensor, sequence and pipeline"),
         (ParallelLayout(4, tp=4), NANO, 64, 1, "parallel.tp_size=4 must divide model.n_kv_heads=2"),
         (ParallelLayout(2, tp=2), NANO, 64, 0, "parallel.tp_size=2 with deepspeed.zero_stage=0"),
-        (ParallelLayout(3, tp=3), ModelConfig(vocab_size=2048, n_heads=3, n_kv_heads=3, d_model=48), 64, 1,
-         "must divide model.vocab_size=2048"),  # fmt: skip
+        (
+            ParallelLayout(3, tp=3),
+            ModelConfig(vocab_size=2048, n_heads=3, n_kv_heads=3, d_model=48),
+            64,
+            1,
+            "must divide model.vocab_size=2048",
+        ),  # fmt: skip
         (ParallelLayout(2, tp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 with parallel.tp_size=2"),
         (ParallelLayout(2, sp=2), NANO, 63, 1, "parallel.sp_size=2 must divide train.seq_len=63"),
         (ParallelLayout(4, sp=4), NANO, 64, 1, "parallel.sp_size=4 must divide model.n_kv_heads=2"),
