@@ -155,6 +155,10 @@ def attend(
 class Attention(nn.Module):
     """Llama self-attention: bias-free q/k/v/o projections, RoPE on q and k, causal GQA."""
 
+    attention: Callable[..., torch.Tensor] = staticmethod(attend)
+    """The kernel call `attend(backend, q, k, v, scale, mask, flash)`; sequence parallelism (train/) wraps it in
+    Ulysses' all-to-all on an instance, the projections around it unchanged."""
+
     _liger = None
     """liger_kernel.transformers.functional when execution.kernels=liger (fused RoPE)."""
 
@@ -177,12 +181,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, d_model), cos/sin (T, hd) or (B, 1, T, hd), mask from `build_attn_mask` -> (B, T, d_model)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        # Head counts follow the projections' widths (-1): tensor parallelism gives a rank a slice of the heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary_qk(q, k, cos, sin, self._liger)
-        y = attend(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -194,6 +199,12 @@ class MLAttention(nn.Module):
     [q_nope, rope(q_rope)]. Only c_kv and k_rope need caching at inference (the point of MLA); training
     materialises per-head k and v and runs the fused kernels.
     """
+
+    attention: Callable[..., torch.Tensor] = staticmethod(attend)
+    """As `Attention.attention`."""
+    shared_key: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda t: t)
+    """Applied to the RoPE key shared by all heads. Identity; under tensor parallelism (train/) each rank's heads
+    give only part of its gradient, so it becomes copy-to-tensor-parallel-region (gradient all-reduced)."""
 
     LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with its default eps, not rms_norm_eps
 
@@ -223,15 +234,15 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, d_model), cos/sin (T, rope) or (B, 1, T, rope), mask from `build_attn_mask` -> (B, T, d_model)."""
         B, T, _ = x.shape
-        H = self.n_heads
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope+rope)
+        q = q.view(B, T, -1, self.nope + self.rope).transpose(1, 2)  # (B, H, T, nope+rope)
+        H = q.size(1)  # this rank's heads: all of them, or a tensor-parallel slice
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, self.nope + self.v_dim).transpose(1, 2)
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, -1, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, T, nope), (B, H, T, v)
-        k_rope = apply_rotary(k_rope.unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
+        k_rope = apply_rotary(self.shared_key(k_rope).unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope)), dim=-1)
-        y = attend(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, H, T, v)
+        y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

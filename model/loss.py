@@ -74,13 +74,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean CE of hidden (N, d) @ weight (V, d).T against labels (N,) (IGNORE_INDEX skipped), chunk rows at a time."""
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, n_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean CE of hidden (N, d) @ weight (V, d).T against labels (N,) (IGNORE_INDEX skipped), chunk rows at a time;
+    summed CE / n_valid when n_valid is given."""
     if torch.is_autocast_enabled(hidden.device.type):
         # The Function runs outside autocast; cast here (differentiably) as autocast would cast F.linear's inputs.
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    n_valid = (labels != IGNORE_INDEX).sum().float()
+    n_valid = ((labels != IGNORE_INDEX).sum() if n_valid is None else n_valid.clamp_min(1)).float()
     with torch.autocast(hidden.device.type, enabled=False):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, n_valid)
 
@@ -99,16 +102,23 @@ class LMHead(nn.Linear):
         self.impl, self.chunk_size = impl, chunk_size
         self._liger = load_liger("loss_impl") if impl == "liger" else None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d) -> logits (B, T, V); with labels (B, T), the fp32 mean CE over labels != -100 instead."""
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, n_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, d) -> logits (B, T, V); with labels (B, T), the fp32 mean CE over labels != -100 instead.
+
+        n_valid: divide the summed CE by this count instead of this call's own (a shard of a longer sequence)."""
         if labels is None:
             return F.linear(x, self.weight)
         if self.impl == "torch":
             logits = F.linear(x, self.weight)
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            reduction = "mean" if n_valid is None else "sum"
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction=reduction)  # fmt: skip
+            return ce if n_valid is None else ce / n_valid.clamp_min(1)
         h, y = x.flatten(0, 1), labels.flatten()
         if self.impl == "chunked":
-            return chunked_cross_entropy(h, self.weight, y, self.chunk_size)
+            return chunked_cross_entropy(h, self.weight, y, self.chunk_size, n_valid)
         w = self.weight
         if torch.is_autocast_enabled(h.device.type):  # Liger's Triton kernels run outside autocast
             dtype = torch.get_autocast_dtype(h.device.type)
@@ -120,4 +130,8 @@ class LMHead(nn.Linear):
                 )
             except TypeError:
                 loss = self._liger.liger_fused_linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX)
-        return loss.float()
+        loss = loss.float()
+        if n_valid is not None:  # this shard's mean -> its share of the whole sequence's (0 when all ignored)
+            own = (y != IGNORE_INDEX).sum()
+            loss = torch.where(own > 0, loss * own / n_valid.clamp_min(1), torch.zeros_like(loss))
+        return loss

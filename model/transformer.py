@@ -4,6 +4,7 @@ multi-token prediction; names 1:1 with HF `DeepseekV3ForCausalLM` except the tra
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +20,25 @@ from model.norm import RMSNorm
 from model.output import ModelOutput
 from model.rope import RotaryEmbedding
 
-__all__ = ["MLP", "Block", "ModelOutput", "RMSNorm", "Transformer", "num_params"]
+__all__ = ["MLP", "Block", "ModelOutput", "RMSNorm", "SequenceShard", "Transformer", "num_params"]
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """This rank's part of every sequence under sequence parallelism (injected by train/, like the expert
+    dispatcher): positions [rank * T / size, (rank + 1) * T / size). The model still receives whole sequences, so
+    document boundaries, positions and the loss's token count come from the global sequence; the attention module's
+    `attention` is wrapped (by train/) to see the whole sequence for a share of the heads."""
+
+    size: int = 1
+    rank: int = 0
+
+    def bounds(self, T: int) -> tuple[int, int]:
+        n = T // self.size
+        return self.rank * n, (self.rank + 1) * n
+
 
 BlockOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 """Hidden states (B, T, d), then the MoE layer's expert load (E,) and balance loss (scalar), None where absent."""
@@ -102,9 +121,14 @@ class Transformer(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, execution: ExecutionConfig | None = None, dispatcher: ExpertDispatcher | None = None
+        self,
+        cfg: ModelConfig,
+        execution: ExecutionConfig | None = None,
+        dispatcher: ExpertDispatcher | None = None,
+        seq_shard: SequenceShard | None = None,
     ) -> None:
         super().__init__()
+        self.seq_shard = seq_shard or SequenceShard()
         if cfg.vocab_size <= 0:
             raise ValueError(
                 f"model.vocab_size={cfg.vocab_size}: set it (e.g. from the tokenizer) before building the model"
@@ -174,6 +198,9 @@ class Transformer(nn.Module):
             cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         # Built once here, shared by every layer (flash_attn's boundaries cost one host sync).
         mask = build_attn_mask(backend, doc_ids, T, input_ids.device)
+        shard = self.seq_shard
+        if shard.size > 1:  # sequence parallelism: this rank's positions; the mask stays global (see SequenceShard)
+            return self._forward_shard(input_ids, labels, doc_ids, cos, sin, mask)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         loads: list[torch.Tensor] = []
         auxes: list[torch.Tensor] = []
@@ -214,6 +241,57 @@ class Transformer(nn.Module):
             mtp_losses=mtp_losses,
             expert_loads=torch.stack(loads) if loads else None,
         )
+
+    def _forward_shard(self, input_ids, labels, doc_ids, cos, sin, mask) -> ModelOutput:
+        """`forward` on this rank's shard of whole sequences (sequence parallelism).
+
+        ce_loss (and each MTP loss) is this shard's share of the whole sequence's mean: summed CE / the sequence's
+        token count, so the shares of a sequence's ranks add up to its mean. MTP depth k keeps the full length: its
+        last k positions are padding with ignored labels, which causal attention keeps from every real position.
+        """
+        T = input_ids.size(1)
+        s, e = self.seq_shard.bounds(T)
+        cos, sin = cos[..., s:e, :], sin[..., s:e, :]
+        x = self.embed_tokens(input_ids[:, s:e])  # (B, T / size, d)
+        loads: list[torch.Tensor] = []
+        auxes: list[torch.Tensor] = []
+
+        def run(block: nn.Module, *args: object) -> torch.Tensor:
+            h, load, aux = block(*args)
+            if load is not None:
+                loads.append(load)
+            if aux is not None:
+                auxes.append(aux)
+            return h
+
+        for layer in self.layers:
+            x = run(layer, x, cos, sin, mask)
+        logits = ce_loss = mtp_losses = None
+        if labels is None:
+            logits = self.lm_head(self.norm(x))  # (B, T / size, V): this shard's positions
+        else:
+            ce_loss = self.lm_head(self.norm(x), labels[:, s:e], (labels != IGNORE).sum())
+            if self.training and self.cfg.mtp.depth:
+                losses = []
+                h = x
+                for k, module in enumerate(self.mtp, start=1):
+                    ids_k, labels_k = _pad_tail(input_ids, k, 0), _pad_tail(labels, k, IGNORE)
+                    emb = self.embed_tokens(ids_k[:, s:e])
+                    h = run(module, h, emb, cos, sin, mask)
+                    losses.append(self.lm_head(module.norm(h), labels_k[:, s:e], (labels_k != IGNORE).sum()))
+                mtp_losses = torch.stack(losses)
+        return ModelOutput(
+            logits=logits,
+            ce_loss=ce_loss,
+            aux_losses=torch.stack(auxes) if auxes else None,
+            mtp_losses=mtp_losses,
+            expert_loads=torch.stack(loads) if loads else None,
+        )
+
+
+def _pad_tail(t: torch.Tensor, k: int, value: int) -> torch.Tensor:
+    """t (B, T) shifted left by k, the last k columns filled with `value` (same length T)."""
+    return torch.cat((t[:, k:], t.new_full((t.size(0), k), value)), dim=1)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

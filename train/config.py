@@ -199,9 +199,21 @@ class ParallelConfig:
     """Expert-parallel degree: routed experts sharded over this many ranks (1 = every rank holds every expert).
     Also spelled `model.moe.ep_size`."""
 
+    tp_size: int = 1
+    """Tensor-parallel degree: attention heads, MLP hidden units and the vocabulary split over this many ranks
+    (DeepSpeed AutoTP). Ranks of one tensor-parallel group are consecutive."""
+    sp_size: int = 1
+    """Sequence-parallel degree (DeepSpeed Ulysses): each sequence split into this many shards, attention heads
+    exchanged by all-to-all around the attention kernel. Ranks of one group are consecutive."""
+    pp_size: int = 1
+    """Pipeline-parallel degree (DeepSpeed PipelineModule): the decoder split into this many stages."""
+
     def __post_init__(self) -> None:
         if self.ep_size <= 0:
             raise ValueError(f"model.moe.ep_size must be positive, got {self.ep_size}")
+        for key in ("tp_size", "sp_size", "pp_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"parallel.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclass

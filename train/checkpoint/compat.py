@@ -64,11 +64,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def needs_universal(meta: dict, world_size: int, zero_stage: int, where: Path) -> bool:
-    """Whether resuming `meta`'s checkpoint with this world size and ZeRO stage needs DeepSpeed's universal format."""
+def needs_universal(meta: dict, world_size: int, zero_stage: int, where: Path, tp_size: int = 1) -> bool:
+    """Whether resuming `meta`'s checkpoint with this world size, ZeRO stage and tensor-parallel degree needs
+    DeepSpeed's universal format. (The sequence-parallel degree does not shard parameters, so it never does.)"""
     saved = (meta.get("world_size"), meta.get("zero_stage"))
-    if saved == (world_size, zero_stage):
+    saved_tp = int(meta.get("tp_size", 1))
+    if saved == (world_size, zero_stage) and saved_tp == tp_size:
         return False
+    if saved_tp != tp_size and 0 in (saved[1], zero_stage):
+        raise ValueError(
+            f"cannot resume {where} (parallel.tp_size={saved_tp}) with parallel.tp_size={tp_size} under "
+            f"deepspeed.zero_stage={zero_stage}: resharding tensor-parallel weights goes through DeepSpeed's "
+            f"universal checkpoint, which needs ZeRO 1-3 on both sides. Resume with parallel.tp_size={saved_tp}"
+        )
     if saved[1] == 0 and zero_stage == 0:
         return False  # ZeRO-0 keeps whole optimizer states, which any number of ranks loads as they are
     if saved[1] == 0 or zero_stage == 0:

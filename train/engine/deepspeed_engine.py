@@ -15,6 +15,12 @@ from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from train.engine.deepspeed_compat import gate_optimizer_step
 from train.engine.distributed import Dist
 from train.engine.expert_parallel import gather_experts, is_expert_param
+from train.engine.model_parallel import (
+    adopt_vocab_parallel_head,
+    init_tensor_parallel,
+    prepare_tensor_parallel,
+    tensor_parallel_config,
+)
 from train.engine.schedules import lr_multiplier
 
 if TYPE_CHECKING:
@@ -28,11 +34,19 @@ def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def deepspeed_config(
-    ds: DeepSpeedConfig, optim: OptimConfig, layout: BatchLayout, dtype: torch.dtype, load_universal: bool = False
+    ds: DeepSpeedConfig,
+    optim: OptimConfig,
+    layout: BatchLayout,
+    dtype: torch.dtype,
+    load_universal: bool = False,
+    tp_size: int = 1,
+    sp_size: int = 1,
 ) -> dict:
     """The DeepSpeed JSON config; the optimizer and scheduler are built by us and passed in as objects.
 
-    `load_universal`: the checkpoint to resume is read in DeepSpeed's universal format (resharded to this job)."""
+    `load_universal`: the checkpoint to resume is read in DeepSpeed's universal format (resharded to this job).
+    `tp_size` > 1: AutoTP (train/engine/model_parallel.py). `sp_size` > 1: DeepSpeed is not told about Ulysses, so
+    it counts the sequence-parallel ranks as data-parallel ones (their gradients are averaged like theirs)."""
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -44,8 +58,8 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": accelerator.has_accelerator()}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": accelerator.has_accelerator()}
-    return {
-        "train_batch_size": layout.global_batch_seqs,
+    config = {
+        "train_batch_size": layout.global_batch_seqs * sp_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": optim.grad_clip,
@@ -57,6 +71,9 @@ def deepspeed_config(
         "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if tp_size > 1:
+        config["tensor_parallel"] = tensor_parallel_config(tp_size)
+    return config
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, device: torch.device):
@@ -91,12 +108,18 @@ def build_engine(
     layout: BatchLayout,
     d: Dist,
     load_universal: bool = False,
+    tp_size: int = 1,
+    sp_size: int = 1,
 ):
     """Wrap the model with DeepSpeed; returns (DeepSpeed engine, optimizer, scheduler)."""
     import deepspeed
 
     dtype = resolve_dtype(cfg_train, d.device)
     model.to(d.device)
+    mpu = None
+    if tp_size > 1:
+        mpu = init_tensor_parallel(tp_size)
+        prepare_tensor_parallel(model)
     optimizer = build_optimizer(model, optim, ds, d.device)
     schedule = lr_multiplier(
         optim.schedule, optim.warmup_steps, cfg_train.max_steps, optim.min_lr_ratio, optim.decay_fraction
@@ -106,36 +129,44 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(ds, optim, layout, dtype, load_universal),
+        config=deepspeed_config(ds, optim, layout, dtype, load_universal, tp_size, sp_size),
+        mpu=mpu,
     )
+    if tp_size > 1:
+        adopt_vocab_parallel_head(engine.module)
     return engine, optimizer, scheduler
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """Gather full fp32 weights onto rank 0 (collective: every rank must call it); other ranks get None.
 
-    Expert-parallel weights are gathered from their expert-parallel group, so the result is the same as an
-    ep_size=1 run's (all experts, global order)."""
+    One module at a time (bounded memory): ZeRO-3 partitions are gathered, then tensor-parallel shards (AutoTP),
+    then expert-parallel ones from their expert-parallel group, so the result is the same as a single-rank run's
+    whatever the layout (all experts in global order, whole vocabulary)."""
     import deepspeed
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
 
     module = engine.module
+    main = dist.get_rank() == 0
+    names = {id(p): n for n, p in module.named_parameters()}  # named_parameters skips tied duplicates
     out: dict[str, torch.Tensor] = {}
-    for name, param in module.named_parameters():  # named_parameters skips tied duplicates
-        if is_expert_param(param):
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-                full = gather_experts(param)
-            if dist.get_rank() == 0:
-                out[name] = full.to("cpu", torch.float32).clone()
-        elif hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather one parameter at a time to bound memory
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if dist.get_rank() == 0:
-                    out[name] = param.detach().to("cpu", torch.float32).clone()
-        elif dist.get_rank() == 0:
-            out[name] = param.detach().to("cpu", torch.float32).clone()
+    for mod in module.modules():
+        params = list(mod.parameters(recurse=False))
+        if not params:
+            continue
+        zero3 = any(hasattr(p, "ds_id") for p in params)
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            with GatherReplacedLayerParams(params, mod, enabled=True):
+                for p in params:
+                    full = gather_experts(p) if is_expert_param(p) else p.data
+                    name = names.get(id(p))
+                    if main and name is not None and name not in out:
+                        out[name] = full.detach().to("cpu", torch.float32).clone()
+    persistent = module.state_dict().keys() if main else ()
     for name, buf in module.named_buffers(remove_duplicate=True):
-        if dist.get_rank() == 0 and name in module.state_dict():
+        if name in persistent:
             out[name] = buf.detach().to("cpu").clone()
-    return out if dist.get_rank() == 0 else None
+    return out if main else None
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -155,8 +186,14 @@ class Engine:
     before the update. `step()` says whether the update really ran.
     """
 
-    def __init__(self, ds_engine, scheduler, zero_stage: int) -> None:
+    def __init__(
+        self, ds_engine, scheduler, zero_stage: int, dp_rank: int = 0, dp_size: int = 1, seq_shards: int = 1
+    ) -> None:
         self.ds, self.scheduler = ds_engine, scheduler
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        """Which batch this rank reads, of how many: ranks of one tensor- or sequence-parallel group read the same."""
+        self.seq_shards = seq_shards
+        """Sequence-parallel degree: the model's losses are each rank's share of its sequences' (they add up)."""
         self.zero0 = zero_stage == 0
         self.optimizer = base_optimizer(ds_engine)
         self._veto = self._applied = False

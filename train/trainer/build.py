@@ -32,13 +32,14 @@ from train.checkpoint.compat import check_compatible, model_meta, needs_universa
 from train.checkpoint.layout import latest_tag, read_meta
 from train.checkpoint.manager import Checkpointer
 from train.config import PretrainConfig
-from train.engine import expert_parallel
+from train.engine import expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine
 from train.engine.distributed import Dist
 from train.engine.optimize import check_fp8, optimize_model
 from train.secrets import redact
-from train.trainer.layout import BatchLayout, check_ep_size, make_layout
+from train.trainer.layout import BatchLayout, make_layout
 from train.trainer.objective import Objective
+from train.trainer.parallel import ParallelLayout
 from train.trainer.trainer import Trainer
 from train.trainer.validation import Validator
 
@@ -53,6 +54,7 @@ class Plan:
     manifest: dict
     tokenizer_sha256: str
     resume_tag: str | None
+    parallel: ParallelLayout = ParallelLayout(1)
     load_universal: bool = False
     """The checkpoint was saved with another world size or ZeRO stage: load it through DeepSpeed's universal format."""
 
@@ -96,8 +98,9 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             "set execution.attn_backend=sdpa"
         )
     ep_size = cfg.parallel.ep_size if model.moe.enabled else 1
-    if model.moe.enabled:
-        check_ep_size(ep_size, world_size, model.moe.n_routed_experts, cfg.deepspeed.zero_stage)
+    par = cfg.parallel
+    parallel = ParallelLayout(world_size, par.tp_size, par.sp_size, par.pp_size, ep_size)
+    parallel.check(model, cfg.train.seq_len, cfg.deepspeed.zero_stage)
     if cfg.train.seq_len > model.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
     if ex.attn_backend == "flash_attn":
@@ -111,7 +114,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         )
     if ex.fp8:
         check_fp8()
-    layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, world_size)
+    layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, parallel.dp)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     tag = latest_tag(ckpt_dir, cfg.checkpoint.verify_hashes)
     universal = False
@@ -123,8 +126,8 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             )
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
-        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag)
-    return Plan(cfg, model, layout, manifest, tok.sha256, tag, universal)
+        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal)
 
 
 def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
@@ -134,20 +137,26 @@ def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
         torch.set_num_threads(n)
 
 
-def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int):
+def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int,
+                sp_size: int = 1):  # fmt: skip
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
-    its slices of the same experts). With ep_size > 1 this creates the expert groups (collective)."""
+    its slices of the same experts). With ep_size > 1 this creates the expert groups, with sp_size > 1 the
+    sequence-parallel groups (collectives). Tensor parallelism shards the model later, in deepspeed.initialize."""
     ep_size = ep_size if model.moe.enabled else 1
+    sp_group, shard = model_parallel.init_sequence_parallel(sp_size) if sp_size > 1 else (None, None)
     dispatcher = expert_parallel.make_dispatcher(ep_size)
     torch.manual_seed(seed)
-    module = Transformer(model, execution, dispatcher)
+    module = Transformer(model, execution, dispatcher, shard)
     if dispatcher is not None:
         expert_parallel.prepare_model(module, ep_size, zero_stage)
+    if sp_group is not None:
+        model_parallel.wrap_attention(module, sp_group)
     return optimize_model(module, execution.compile, execution.fp8)
 
 
 def build_data(plan: Plan, rank: int, world_size: int):
-    """The training loader, the whole validation split, and each source's validation part (when big enough)."""
+    """The training loader, the whole validation split, and each source's validation part (when big enough).
+    `rank` / `world_size` are data-parallel: which batch, of how many."""
     t, path = plan.cfg.train, plan.cfg.data.path
     train = PackedSequences(path, "train", t.seq_len)
     loader = DistributedBatchLoader(train, t.micro_batch_size, plan.layout.grad_accum, rank, world_size, t.seed)
@@ -175,15 +184,18 @@ def write_run_files(plan: Plan, raw: DictConfig) -> dict:
 def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> tuple[Trainer, list[Callback]]:
     """The engine, the data and every component of the run, registered with a Trainer; returns it and the
     loggers (rank 0) that must be closed at the end."""
-    cfg = plan.cfg
-    model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage)
+    cfg, par = plan.cfg, plan.parallel
+    model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage,
+                        par.sp)  # fmt: skip
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
-                                           plan.load_universal)  # fmt: skip
-    engine = Engine(ds_engine, scheduler, cfg.deepspeed.zero_stage)
-    loader, val, val_sources = build_data(plan, d.rank, d.world_size)
+                                           plan.load_universal, par.tp, par.sp)  # fmt: skip
+    dp_rank = par.dp_rank(d.rank)
+    engine = Engine(ds_engine, scheduler, cfg.deepspeed.zero_stage, dp_rank, par.dp, par.sp)
+    loader, val, val_sources = build_data(plan, dp_rank, par.dp)
     meta = model_meta(plan.model, plan.tokenizer_sha256, cfg.execution, zero_stage=cfg.deepspeed.zero_stage,
                       world_size=d.world_size, ep_size=cfg.parallel.ep_size if plan.model.moe.enabled else 1,
-                      seq_len=cfg.train.seq_len, data_path=str(cfg.data.path),
+                      seq_len=cfg.train.seq_len, data_path=str(cfg.data.path), tp_size=par.tp, sp_size=par.sp,
+                      pp_size=par.pp,
                       tokenizer_path=str(cfg.tokenizer.path))  # fmt: skip
     debug = faults.active(cfg.debug)
     kill_points = faults.KillDuringSave(cfg.debug.kill_during_save_at) if debug else None
@@ -215,7 +227,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
                                  cfg.run.name))  # fmt: skip
         if cfg.logging.progress:
             loggers.append(Progress(cfg.train.max_steps, 0))
-    objective = Objective(cfg.train.moe, cfg.train.mtp, d.device)
+    objective = Objective(cfg.train.moe, cfg.train.mtp, d.device, par.sp)
     trainer = Trainer(cfg.train, cfg.logging.log_every, d, engine, loader, objective, checkpointer,
                       components + loggers)  # fmt: skip
     trainer.monitor, trainer.validator = monitor, validator

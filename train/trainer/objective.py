@@ -15,8 +15,11 @@ from train.engine.distributed import all_reduce_mean, all_reduce_sum_tensor
 
 
 class Objective:
-    def __init__(self, balance: BalanceConfig, mtp: MTPWeightConfig, device: torch.device) -> None:
+    def __init__(self, balance: BalanceConfig, mtp: MTPWeightConfig, device: torch.device, seq_shards: int = 1) -> None:
         self.balance, self.mtp, self.device = balance, mtp, device
+        # Sequence parallelism: CE and MTP losses are shares of the sequence's mean (they add up over its
+        # seq_shards ranks), and gradients are averaged over those ranks too: scaling by seq_shards gives the mean.
+        self.seq_shards = seq_shards
         self.mtp_weight = mtp.loss_weight
         self._reset()
 
@@ -37,10 +40,11 @@ class Objective:
 
     def loss(self, out: ModelOutput) -> torch.Tensor:
         """The micro-batch's loss to differentiate; its parts are kept for `finish`."""
-        total = out.ce_loss
-        self._add("loss", out.ce_loss)
+        ce = out.ce_loss * self.seq_shards if self.seq_shards > 1 else out.ce_loss
+        total = ce
+        self._add("loss", ce)
         if out.mtp_losses is not None:
-            mtp = out.mtp_losses.mean()
+            mtp = out.mtp_losses.mean() * self.seq_shards if self.seq_shards > 1 else out.mtp_losses.mean()
             total = total + self.mtp_weight * mtp
             self._add("mtp_loss", mtp)
         alpha = self.balance.seq_alpha

@@ -37,11 +37,13 @@ class Validator(Callback):
     def _mean_loss(self, data: PackedSequences, sequences: int) -> float | None:
         """Mean token loss on `sequences` validation sequences spread over `data` (always the same ones)."""
         d, engine = self.trainer.d, self.trainer.engine
-        per_rank = min(len(data), sequences) // d.world_size  # equal work on every rank (ZeRO-3 collectives)
+        dp_rank, dp_size = engine.dp_rank, engine.dp_size  # a tensor/sequence-parallel group reads one batch
+        per_rank = min(len(data), sequences) // dp_size  # equal work on every rank (ZeRO-3 collectives)
         total, count = 0.0, 0
-        for x, y in iter_eval_batches(data, self.cfg.micro_batch_size, per_rank * d.world_size, d.rank, d.world_size):
+        for x, y in iter_eval_batches(data, self.cfg.micro_batch_size, per_rank * dp_size, dp_rank, dp_size):
             loss = engine.forward(x.to(d.device), y.to(d.device)).ce_loss
-            total += loss.item() * y.numel()
+            # Every rank of a group adds the batch: sequence-parallel ranks their shares (x shards = their mean).
+            total += loss.item() * y.numel() * engine.seq_shards
             count += y.numel()
         total, count = all_reduce_sum([total, count], d.device)
         return total / count if count else None

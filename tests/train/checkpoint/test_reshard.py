@@ -60,3 +60,12 @@ def test_which_changes_go_through_the_universal_checkpoint():
     assert not needs_universal({"world_size": 2, "zero_stage": 0}, 1, 0, Path("ckpt"))
     assert not needs_universal({"world_size": 2, "zero_stage": 2}, 2, 2, Path("ckpt"))
     assert needs_universal({"world_size": 2, "zero_stage": 2}, 2, 1, Path("ckpt"))
+
+
+def test_a_tensor_parallel_change_goes_through_the_universal_checkpoint():
+    saved = {"world_size": 2, "zero_stage": 1, "tp_size": 2}
+    assert needs_universal(saved, 2, 1, Path("ckpt"), tp_size=1)
+    assert not needs_universal(saved, 2, 1, Path("ckpt"), tp_size=2)
+    assert not needs_universal({"world_size": 2, "zero_stage": 1}, 2, 1, Path("ckpt"))  # sp shards no parameter
+    with pytest.raises(ValueError, match="parallel.tp_size=2"):
+        needs_universal({**saved, "zero_stage": 0}, 2, 0, Path("ckpt"), tp_size=1)

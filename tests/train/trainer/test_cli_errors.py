@@ -87,3 +87,16 @@ def test_tokenizer_that_does_not_match_the_data(args, tmp_path):
     train_tokenizer(iter_texts(sample_data_config(), max_docs_per_source=100), cfg, other)
     proc = pretrain(*args, f"tokenizer.path={other}")
     assert proc.returncode == 2 and "was tokenized with tokenizer sha256" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (("parallel.tp_size=2",), "parallel.tp_size=2 x parallel.sp_size=1 x parallel.pp_size=1 = 2 does not divide"),
+        (("parallel.pp_size=1", "parallel.sp_size=0"), "parallel.sp_size must be positive"),
+    ],
+)
+def test_parallel_layout_that_cannot_run(args, override, message):
+    proc = pretrain(*args, *override)
+    assert proc.returncode == 2
+    assert f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr

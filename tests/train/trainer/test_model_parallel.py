@@ -1,0 +1,154 @@
+"""Tensor and sequence parallelism as real torchrun/gloo jobs on CPU: fp32 losses within 1e-5 of the single-rank run
+of the same global batch, exact and resharded resume, and the same exported weights whatever the layout."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import losses, run_module, train_args
+
+STEPS = 6
+DENSE = ("model=nano",)
+DEEPSEEK = ("model=deepseek_tiny", "model.n_layers=3", "model.max_seq_len=256")  # MLA, MoE, MTP
+DOCS = ("model.doc_masking=true", "model.doc_position_reset=true")
+
+
+def _id(model: tuple[str, ...]) -> str:
+    return model[0].split("=")[1]
+
+
+def args(tok: Path, data: Path, run_dir: Path, model: tuple[str, ...], *extra: str) -> list[str]:
+    replaced = ("model=", "train.max_steps=", "checkpoint.", "train.eval_every=")
+    keep = [a for a in train_args(tok, data, run_dir) if not a.startswith(replaced)]
+    return [*keep, *model, f"train.max_steps={STEPS}", "checkpoint.every_steps=3", "train.eval_every=3", *extra]
+
+
+def launch(nproc: int, argv: list[str]):
+    return run_module("torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train.pretrain", *argv)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_tokenizer, tiny_data, tmp_path_factory):
+    """Run NAME with (nproc, model, overrides) once per module; returns its run dir."""
+    root = tmp_path_factory.mktemp("parallel")
+    done: dict[str, Path] = {}
+
+    def get(name: str, nproc: int, model: tuple[str, ...], *extra: str) -> Path:
+        if name not in done:
+            done[name] = root / name
+            launch(nproc, args(tiny_tokenizer, tiny_data, done[name], model, "deepspeed.zero_stage=1", *extra))
+        return done[name]
+
+    return get
+
+
+def assert_same_losses(run: Path, ref: Path) -> None:
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1)) and want[STEPS] < want[1]
+    for step, value in want.items():
+        assert math.isclose(got[step], value, rel_tol=1e-5), (step, got[step], value)
+
+
+def assert_same_weights(run: Path, ref: Path, tag: str = f"step_{STEPS:08d}") -> None:
+    """model.safetensors (what train.export writes out) holds full, equal weights whatever the layout."""
+    got, want = (load_file(r / "checkpoints" / tag / "model.safetensors") for r in (run, ref))
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [DENSE, DEEPSEEK], ids=["dense", "deepseek"])
+def test_tensor_parallel_2_trains_like_one_rank(runs, model):
+    ref = runs(f"base_{_id(model)}", 1, model)
+    tp = runs(f"tp2_{_id(model)}", 2, model, "parallel.tp_size=2")
+    assert_same_losses(tp, ref)
+    assert_same_weights(tp, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "model", "extra"),
+    [
+        ("gqa", DENSE, ()),
+        ("gqa_docs_eager", DENSE, (*DOCS, "execution.attn_backend=eager")),
+        ("mla_mtp_docs", DEEPSEEK, DOCS),
+    ],
+)
+def test_sequence_parallel_2_trains_like_one_rank(runs, name, model, extra):
+    ref = runs(f"base_{name}", 1, model, *extra)
+    sp = runs(f"sp2_{name}", 2, model, "parallel.sp_size=2", *extra)
+    assert_same_losses(sp, ref)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_with_expert_parallel(runs):
+    ref = runs("base_deepseek_tiny", 1, DEEPSEEK)
+    assert_same_losses(runs("sp2_ep2", 2, DEEPSEEK, "parallel.sp_size=2", "parallel.ep_size=2"), ref)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_under_zero3(runs):
+    ref = runs("base_nano", 1, DENSE)
+    tp = runs("tp2_zero3", 2, DENSE, "parallel.tp_size=2", "deepspeed.zero_stage=3")
+    assert_same_losses(tp, ref)
+    assert_same_weights(tp, ref)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_by_data_parallel_2(runs):
+    """4 processes: tp groups [0, 1], [2, 3] read two different halves of the same global batch."""
+    assert_same_losses(runs("tp2_dp2", 4, DENSE, "parallel.tp_size=2"), runs("base_nano", 1, DENSE))
+
+
+def _stopped_at_step_3(src: Path, dst: Path) -> Path:
+    import json
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"step_{STEPS:08d}"))
+    (dst / "checkpoints" / "latest").write_text("step_00000003")
+    rows = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
+    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("saved", "nproc", "resume_with"),
+    [
+        ("tp2", 2, ("parallel.tp_size=2",)),  # exact resume, same layout
+        ("tp2", 1, ()),  # tp 2 -> 1 through the universal checkpoint
+        ("sp2", 1, ()),  # sp 2 -> 1 (and a world-size change)
+    ],
+)
+def test_resume_on_the_same_or_another_layout(runs, tiny_tokenizer, tiny_data, tmp_path, saved, nproc, resume_with):
+    src = runs("tp2_nano" if saved == "tp2" else "sp2_gqa", 2, DENSE, f"parallel.{saved[:2]}_size=2")
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    proc = launch(nproc, args(tiny_tokenizer, tiny_data, run_dir, DENSE, "deepspeed.zero_stage=1", *resume_with))
+    assert "resumed from" in proc.stderr
+    assert ("converting it to" in proc.stderr) == (nproc == 1)
+    got, want = losses(run_dir), losses(src)
+    for step in range(4, STEPS + 1):
+        if resume_with:  # the same layout resumes bit for bit
+            assert got[step] == want[step], (step, got[step], want[step])
+        else:
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+
+
+@pytest.mark.slow
+def test_export_writes_the_same_model_whatever_the_layout(runs, tmp_path):
+    ref = runs("base_nano", 1, DENSE)
+    tp = runs("tp2_nano", 2, DENSE, "parallel.tp_size=2")
+    out = {}
+    for name, run in (("ref", ref), ("tp", tp)):
+        out[name] = tmp_path / name
+        run_module("train.export", f"run.dir={run}", f"out={out[name]}")
+    got, want = load_file(out["tp"] / "model.safetensors"), load_file(out["ref"] / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
