@@ -146,11 +146,12 @@ def device_name(device: torch.device | str) -> str:
     return get_name(device) if get_name is not None else device.type
 
 
-def peak_flops(device: torch.device | str) -> float:
+def peak_flops(device: torch.device | str, threads: int | None = None) -> float:
     """Peak FLOP/s for MFU: the bf16 dense datasheet figure on known GPUs, a measured matmul rate otherwise.
 
-    CPU peak is measured, not nominal: the fp32 rate of 1024x1024 matmuls on the current torch thread count, so CPU
-    MFU reads as "fraction of what this machine's matmul achieves". Unknown accelerators are measured in bf16.
+    CPU peak is measured, not nominal: the best fp32 rate of 1024x1024 matmuls over a few rounds with `threads`
+    torch threads (default: the current count; restored afterwards), so CPU MFU reads as "fraction of what this
+    machine's matmul achieves with the threads a rank has". Unknown accelerators are measured in bf16.
     """
     device = torch.device(device)
     if is_accelerator(device):
@@ -159,7 +160,20 @@ def peak_flops(device: torch.device | str) -> float:
             if key in name:
                 return flops
         return measured_matmul_flops(str(device), torch.bfloat16)
-    return measured_matmul_flops(str(device), torch.float32)
+    return cpu_matmul_flops(threads or torch.get_num_threads())
+
+
+@functools.cache
+def cpu_matmul_flops(threads: int, rounds: int = 4) -> float:
+    """Best fp32 matmul FLOP/s on CPU with `threads` intra-op threads, over `rounds` measurements (other work on the
+    machine only slows a round down, so the fastest is the closest to the machine's rate). One figure per thread
+    count: a rank measured with another count would misstate its MFU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return max(measured_matmul_flops.__wrapped__("cpu", torch.float32) for _ in range(rounds))
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache

@@ -62,8 +62,31 @@ def test_grouped_mm_support_follows_device_and_dtype():
 
 
 def test_cpu_peak_flops_is_measured():
-    assert acc.peak_flops(CPU) == acc.peak_flops("cpu") > 1e8  # cached: one measurement per device and dtype
+    assert acc.peak_flops(CPU) == acc.peak_flops("cpu") > 1e8  # cached: one measurement per thread count
     assert acc.measured_matmul_flops("cpu", torch.float32, n=64, seconds=0.01) > 0
+
+
+def test_cpu_peak_is_measured_with_the_threads_a_rank_has():
+    before = torch.get_num_threads()
+    seen = []
+    real = acc.measured_matmul_flops.__wrapped__
+
+    def spy(*args, **kwargs):  # records the thread count each measurement ran with
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    acc.cpu_matmul_flops.cache_clear()
+    try:
+        acc.measured_matmul_flops.__wrapped__ = spy
+        one = acc.peak_flops("cpu", threads=1)
+        two = acc.peak_flops("cpu", threads=2)
+        assert acc.peak_flops("cpu", threads=1) == one  # one figure per thread count, not per device
+    finally:
+        acc.measured_matmul_flops.__wrapped__ = real
+    assert seen == [1] * 4 + [2] * 4, seen  # each figure is the best of 4 rounds at its own thread count
+    assert torch.get_num_threads() == before, "the caller's thread count is restored"
+    assert one > 1e8 and two > 1e8
+    assert acc.cpu_matmul_flops.cache_info().currsize == 2
 
 
 def _vendor_tokens(path: Path) -> list[str]:

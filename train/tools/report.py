@@ -116,7 +116,9 @@ def comparability_notes(runs: list[Run]) -> list[str]:
 def summarize(run: Run) -> dict:
     train, val = run.train_rows, run.val_rows
     rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
-    mfus = [r["mfu"] for r in train[1:]] or [r["mfu"] for r in train]
+    mfus = [r["mfu"] for r in train[1:] if r.get("mfu") is not None] or [
+        r["mfu"] for r in train if r.get("mfu") is not None
+    ]
     per_source = {k.split("/", 1)[1]: v for k, v in (val[-1] if val else {}).items() if k.startswith("val_loss/")}
     return {
         "final_val": val[-1]["val_loss"] if val else None,
