@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import resource
 import time
 
@@ -27,6 +28,52 @@ GPU_BF16_PEAK_FLOPS = (
     ("A100", 312e12),
     ("MI300X", 1307e12),  # "AMD Instinct MI300X"
 )
+
+
+# Variables through which a scheduler or a user hands a job its GPUs (ROCm's spellings included).
+GPU_REQUEST_VARIABLES = (
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "SLURM_GPUS",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_STEP_GPUS",
+    "SLURM_JOB_GPUS",
+    "GPU_DEVICE_ORDINAL",
+)
+# Values that give no device: unset or empty, CUDA's "-1", SLURM's "NoDevFiles" (a job without GPUs); for the
+# variables that hold a count rather than device indices, also 0.
+NO_DEVICE_VALUES = ("", "-1", "nodevfiles", "none")
+GPU_COUNT_VARIABLES = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def gpus_requested(environ=None) -> tuple[str, str] | None:
+    """The first (variable, value) of GPU_REQUEST_VARIABLES that gives this job devices, or None. An explicit
+    no-device CUDA_VISIBLE_DEVICES (empty, -1, NoDevFiles) says "no GPUs" whatever else is set."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CUDA_VISIBLE_DEVICES", "x").strip().lower() in NO_DEVICE_VALUES:
+        return None
+    for name in GPU_REQUEST_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value.lower() not in NO_DEVICE_VALUES and not (name in GPU_COUNT_VARIABLES and value == "0"):
+            return name, value
+    return None
+
+
+def check_requested_gpus(environ=None) -> None:
+    """Refuse (ValueError) to run on CPU when the job was given GPUs that torch cannot use: a CPU build of torch
+    (e.g. installed on a login node without GPUs) would otherwise train on CPU with gloo without a word."""
+    requested = gpus_requested(environ)
+    if requested is None or has_accelerator():
+        return
+    name, value = requested
+    if torch.version.cuda is None and torch.version.hip is None:
+        why = f"torch {torch.__version__} is a CPU-only build: reinstall with `make install DEVICE=cuda`"
+    else:
+        why = f"torch {torch.__version__} sees no GPU: check the node's driver (nvidia-smi / rocm-smi)"
+    raise ValueError(
+        f"{name}={value} gives this job GPUs, but {why} (or set CUDA_VISIBLE_DEVICES=-1 to train on CPU on purpose)"
+    )
 
 
 def device_type() -> str:

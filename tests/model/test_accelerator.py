@@ -152,3 +152,33 @@ def test_cuda_specific_answers():
     assert not acc.grouped_mm_supported(torch.zeros(2, device=device))
     major, minor = torch.cuda.get_device_capability(device)
     assert acc.fp8_supported(device) == ((major, minor) >= (8, 9))
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, "CUDA_VISIBLE_DEVICES"),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES"),  # device 0, not a count
+        ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_JOB_GPUS": "0,1,2,3"}, "SLURM_JOB_GPUS"),
+        ({"SLURM_STEP_GPUS": "2"}, "SLURM_STEP_GPUS"),
+        ({"SLURM_GPUS": "8"}, "SLURM_GPUS"),
+        ({"GPU_DEVICE_ORDINAL": "0"}, "GPU_DEVICE_ORDINAL"),
+        ({"CUDA_VISIBLE_DEVICES": ""}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1", "SLURM_JOB_GPUS": "0"}, None),  # the user chose CPU on a GPU job
+        ({"SLURM_GPUS_ON_NODE": "0"}, None),
+        ({}, None),
+    ],
+)
+def test_gpus_requested_reads_the_scheduler_variables(env, named):
+    found = acc.gpus_requested(env)
+    assert (found[0] if found else None) == named
+
+
+@pytest.mark.skipif(acc.has_accelerator(), reason="the refusal is for a torch that cannot use the GPUs")
+def test_requested_gpus_without_a_usable_accelerator_are_refused():
+    with pytest.raises(ValueError, match=r"SLURM_JOB_GPUS=0,1 gives this job GPUs.*DEVICE=cuda"):
+        acc.check_requested_gpus({"SLURM_JOB_GPUS": "0,1"})
+    acc.check_requested_gpus({"CUDA_VISIBLE_DEVICES": "NoDevFiles"})  # no GPUs given: nothing to refuse

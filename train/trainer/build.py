@@ -59,6 +59,7 @@ class Plan:
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
     """Check the config against the tokenizer, the prepared data and any checkpoint in run.dir."""
+    accelerator.check_requested_gpus()  # a CPU torch on a GPU node must not fall back to gloo on CPU silently
     if not cfg.run.dir or cfg.run.dir == "???":
         raise ValueError("set run.dir=DIR: where this run writes config.yaml, metrics.jsonl and checkpoints/")
     if not cfg.tokenizer.path:
