@@ -47,6 +47,8 @@ def test_group_options_compose(group, name):
     "config,overrides",
     [
         ("prepare", ["out=/tmp/x"]),
+        ("merge", ["out=/tmp/x"]),
+        ("summary", []),
         ("bom", ["path=/tmp/x"]),
         ("report", ["runs=[/tmp/a,/tmp/b]", "out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
@@ -67,6 +69,8 @@ def test_every_yaml_is_covered():
     covered = {
         "train",
         "prepare",
+        "merge",
+        "summary",
         "bom",
         "report",
         "tokenizer_train",
