@@ -1,6 +1,7 @@
 # make install [DEVICE=cuda|cpu]: create .venv with torch for DEVICE (default: the one already installed, else auto:
 # cuda where nvidia-smi lists a GPU, cpu elsewhere; on a cluster's login node without GPUs pass DEVICE=cuda).
-# make demo: the whole job on the repo's licensed Korean sample (CPU: see README Quickstart for the measured time).
+# make demo: the whole job on the repo's licensed Korean sample (idle 2-core CPU: about 6.5 minutes, training at about
+# 3,900 tokens/s; longer on a loaded machine; README Quickstart, BENCHMARKS.md).
 # make test: the package layering (.importlinter), then the whole test suite; make test-fast: without the
 # multi-process (slow) tests. All create or reuse .venv.
 SHELL := /bin/bash
