@@ -84,8 +84,25 @@ def _files(src, data):
     return resolve_files("?", src)
 
 
+USAGE = """python -m data_pipeline.bench data=NAME tokenizer.path=TOK out=DIR [rounds=N] [prepare overrides]
+
+Throughput of the full prepare path (data_pipeline.bench) against a plain Hugging Face baseline
+(datasets.load_dataset + Dataset.map with the same tokenizer, no cleaning, filters, PII or dedup). Each trial runs
+in a fresh process, baseline and full path interleaved `rounds` times (default 2). Prints one JSON line per trial
+(input MB/s, tokens/s, peak RSS) and the best of each kind.
+
+Main keys: data=NAME, tokenizer.path, out (scratch directory), rounds, data.num_workers, and any
+data_pipeline.prepare key.
+
+Example:
+  python -m data_pipeline.bench data=ko_sample tokenizer.path=runs/ko_tiny/tokenizer out=/tmp/bench rounds=3"""
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+        return
     if args and args[0] in ("--trial-baseline", "--trial-full"):
         print(json.dumps(trial(args[0].removeprefix("--trial-"), args[1:])))
         return

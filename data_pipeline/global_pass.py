@@ -75,8 +75,11 @@ def merge(
             toks = np.fromfile(work / f"{task.stem}.tok", dtype=dtype) if offsets[-1] else None
             texts = open(work / f"{task.stem}.jsonl", encoding="utf-8") if text_fh is not None else None
             k = -1
+            file_in, file_kept, file_rejected = st["docs_in"], st["docs_kept"], st["rejected"].copy()
+            capped = False
             for code in status.tolist():
                 if cap is not None and st["docs_in"] >= cap:
+                    capped = True
                     break
                 st["docs_in"] += 1
                 if code:
@@ -114,6 +117,8 @@ def merge(
             if texts is not None:
                 texts.close()
             del toks
+            if st["docs_kept"] == file_kept and not capped:
+                log(f"[prepare] warning: {task.path} gave no documents ({_no_docs_reason(st, file_in, file_rejected)})")
         if text_fh is not None:
             text_fh.close()
         for shard in val.close():
@@ -134,7 +139,10 @@ def merge(
             "document_licenses": dict(sorted(st["licenses"].items())),
             "pii_replaced": dict(sorted(st["pii"].items())),
         }
-        log(f"[prepare] {name}: {st['docs_kept']}/{st['docs_in']} docs, {sources[name]['tokens']:,} tokens")
+        log(
+            f"[prepare] {name}: {st['docs_kept']}/{st['docs_in']} docs, {sources[name]['tokens']:,} tokens"
+            + (f"; rejected: {format_reasons(st['rejected'])}" if st["rejected"] else "")
+        )
     train_shards = train.close()
     manifest = {
         "format": FORMAT,
@@ -155,3 +163,16 @@ def merge(
     os.replace(tmp, out / MANIFEST)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def format_reasons(rejected: Counter | dict) -> str:
+    """Rejection counts, most frequent first: "near_duplicate 300, too_short 211"."""
+    return ", ".join(f"{reason} {n:,}" for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _no_docs_reason(st: dict, file_in: int, file_rejected: Counter) -> str:
+    """Why a file contributed nothing: nothing read from it, or every document rejected (and for what)."""
+    read = st["docs_in"] - file_in
+    if read == 0:
+        return "no rows read: an empty file, or not the source's format / text field?"
+    return f"all {read:,} rejected: {format_reasons(st['rejected'] - file_rejected)}"

@@ -12,7 +12,7 @@ import hydra
 from data_pipeline.prepare import run_cli
 
 
-@hydra.main(config_path="../configs", config_name="prepare", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="merge", version_base="1.3")
 def main(cfg) -> None:
     cfg.data.shard_index = None
     run_cli(cfg)

@@ -151,6 +151,8 @@ def plan(cfg: PlanConfig) -> dict:
     if cfg.run_dir:
         (run,), _ = find_runs([cfg.run_dir])
         mfu = summarize(run)["mfu"]
+        if mfu is None:
+            raise ValueError(f"run_dir={cfg.run_dir} logged no MFU figure: pass mfu=FRACTION instead")
     tokens = parse_tokens(cfg.tokens)
     seconds = tokens * fpt / (cfg.gpus * (peak or 1.0) * mfu) if peak else None
     gpu_hours = seconds * cfg.gpus / 3600 if seconds else None

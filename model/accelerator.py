@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import resource
 import time
 
@@ -27,6 +28,52 @@ GPU_BF16_PEAK_FLOPS = (
     ("A100", 312e12),
     ("MI300X", 1307e12),  # "AMD Instinct MI300X"
 )
+
+
+# Variables through which a scheduler or a user hands a job its GPUs (ROCm's spellings included).
+GPU_REQUEST_VARIABLES = (
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "SLURM_GPUS",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_STEP_GPUS",
+    "SLURM_JOB_GPUS",
+    "GPU_DEVICE_ORDINAL",
+)
+# Values that give no device: unset or empty, CUDA's "-1", SLURM's "NoDevFiles" (a job without GPUs); for the
+# variables that hold a count rather than device indices, also 0.
+NO_DEVICE_VALUES = ("", "-1", "nodevfiles", "none")
+GPU_COUNT_VARIABLES = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def gpus_requested(environ=None) -> tuple[str, str] | None:
+    """The first (variable, value) of GPU_REQUEST_VARIABLES that gives this job devices, or None. An explicit
+    no-device CUDA_VISIBLE_DEVICES (empty, -1, NoDevFiles) says "no GPUs" whatever else is set."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CUDA_VISIBLE_DEVICES", "x").strip().lower() in NO_DEVICE_VALUES:
+        return None
+    for name in GPU_REQUEST_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value.lower() not in NO_DEVICE_VALUES and not (name in GPU_COUNT_VARIABLES and value == "0"):
+            return name, value
+    return None
+
+
+def check_requested_gpus(environ=None) -> None:
+    """Refuse (ValueError) to run on CPU when the job was given GPUs that torch cannot use: a CPU build of torch
+    (e.g. installed on a login node without GPUs) would otherwise train on CPU with gloo without a word."""
+    requested = gpus_requested(environ)
+    if requested is None or has_accelerator():
+        return
+    name, value = requested
+    if torch.version.cuda is None and torch.version.hip is None:
+        why = f"torch {torch.__version__} is a CPU-only build: reinstall with `make install DEVICE=cuda`"
+    else:
+        why = f"torch {torch.__version__} sees no GPU: check the node's driver (nvidia-smi / rocm-smi)"
+    raise ValueError(
+        f"{name}={value} gives this job GPUs, but {why} (or set CUDA_VISIBLE_DEVICES=-1 to train on CPU on purpose)"
+    )
 
 
 def device_type() -> str:
@@ -146,11 +193,12 @@ def device_name(device: torch.device | str) -> str:
     return get_name(device) if get_name is not None else device.type
 
 
-def peak_flops(device: torch.device | str) -> float:
+def peak_flops(device: torch.device | str, threads: int | None = None) -> float:
     """Peak FLOP/s for MFU: the bf16 dense datasheet figure on known GPUs, a measured matmul rate otherwise.
 
-    CPU peak is measured, not nominal: the fp32 rate of 1024x1024 matmuls on the current torch thread count, so CPU
-    MFU reads as "fraction of what this machine's matmul achieves". Unknown accelerators are measured in bf16.
+    CPU peak is measured, not nominal: the best fp32 rate of 1024x1024 matmuls over a few rounds with `threads`
+    torch threads (default: the current count; restored afterwards), so CPU MFU reads as "fraction of what this
+    machine's matmul achieves with the threads a rank has". Unknown accelerators are measured in bf16.
     """
     device = torch.device(device)
     if is_accelerator(device):
@@ -159,7 +207,20 @@ def peak_flops(device: torch.device | str) -> float:
             if key in name:
                 return flops
         return measured_matmul_flops(str(device), torch.bfloat16)
-    return measured_matmul_flops(str(device), torch.float32)
+    return cpu_matmul_flops(threads or torch.get_num_threads())
+
+
+@functools.cache
+def cpu_matmul_flops(threads: int, rounds: int = 4) -> float:
+    """Best fp32 matmul FLOP/s on CPU with `threads` intra-op threads, over `rounds` measurements (other work on the
+    machine only slows a round down, so the fastest is the closest to the machine's rate). One figure per thread
+    count: a rank measured with another count would misstate its MFU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return max(measured_matmul_flops.__wrapped__("cpu", torch.float32) for _ in range(rounds))
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache

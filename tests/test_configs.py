@@ -10,9 +10,9 @@ import data_pipeline.config  # noqa: F401  registers prepare/bom schemas
 import launch.config  # noqa: F401  registers plan_schema
 import tokenizer.config  # noqa: F401  registers tokenizer_train/tokenizer_evaluate schemas
 import train.config  # noqa: F401  registers train/evaluate/export schemas
-import train.tools.report  # noqa: F401  registers report_schema
 import train.tools.bench  # noqa: F401  registers bench_schema
 import train.tools.lm_eval  # noqa: F401  registers lm_eval_schema
+import train.tools.report  # noqa: F401  registers report_schema
 from tests.helpers import REPO
 
 CONFIGS = REPO / "configs"
@@ -47,6 +47,8 @@ def test_group_options_compose(group, name):
     "config,overrides",
     [
         ("prepare", ["out=/tmp/x"]),
+        ("merge", ["out=/tmp/x"]),
+        ("summary", []),
         ("bom", ["path=/tmp/x"]),
         ("report", ["runs=[/tmp/a,/tmp/b]", "out=/tmp/x"]),
         ("tokenizer_train", ["out=/tmp/x"]),
@@ -67,6 +69,8 @@ def test_every_yaml_is_covered():
     covered = {
         "train",
         "prepare",
+        "merge",
+        "summary",
         "bom",
         "report",
         "tokenizer_train",

@@ -163,3 +163,19 @@ def test_cli_parts_then_merge(tiny_tokenizer, tmp_path):
         assert part["part"] == i and part["processed"] >= 1
     summary = json.loads(run_module("data_pipeline.merge", *common).stdout.splitlines()[-1])
     assert summary["tokens"]["train"] > 0 and (out / MANIFEST).is_file()
+
+
+def test_prepare_says_why_documents_were_rejected_and_which_files_gave_none(planted, tiny_tokenizer, tmp_path):
+    (tmp_path / "in" / "c_empty.jsonl").write_text("")
+    lines: list[str] = []
+    prepare(planted, Tokenizer.from_dir(tiny_tokenizer), str(tiny_tokenizer), tmp_path / "out", log=lines.append)
+    wiki = next(line for line in lines if line.startswith("[prepare] wiki:"))
+    assert wiki.startswith("[prepare] wiki: 3/12 docs") and "; rejected: malformed_json 2, " in wiki, wiki
+    for reason in ("invalid_utf8 1", "missing_text 1", "empty 1", "huge 1", "exact_duplicate 1", "near_duplicate 1"):
+        assert reason in wiki, (reason, wiki)
+    reviews = next(line for line in lines if line.startswith("[prepare] reviews:"))
+    assert "rejected: exact_duplicate 2, missing_text 1, unreadable_file 1" in reviews, reviews
+    warnings = [line for line in lines if "warning" in line]
+    assert len(warnings) == 2, warnings
+    assert any("c_empty.jsonl gave no documents (no rows read" in w for w in warnings), warnings
+    assert any("broken.parquet gave no documents (all 1 rejected: unreadable_file 1)" in w for w in warnings), warnings

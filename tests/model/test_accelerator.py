@@ -62,8 +62,31 @@ def test_grouped_mm_support_follows_device_and_dtype():
 
 
 def test_cpu_peak_flops_is_measured():
-    assert acc.peak_flops(CPU) == acc.peak_flops("cpu") > 1e8  # cached: one measurement per device and dtype
+    assert acc.peak_flops(CPU) == acc.peak_flops("cpu") > 1e8  # cached: one measurement per thread count
     assert acc.measured_matmul_flops("cpu", torch.float32, n=64, seconds=0.01) > 0
+
+
+def test_cpu_peak_is_measured_with_the_threads_a_rank_has():
+    before = torch.get_num_threads()
+    seen = []
+    real = acc.measured_matmul_flops.__wrapped__
+
+    def spy(*args, **kwargs):  # records the thread count each measurement ran with
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    acc.cpu_matmul_flops.cache_clear()
+    try:
+        acc.measured_matmul_flops.__wrapped__ = spy
+        one = acc.peak_flops("cpu", threads=1)
+        two = acc.peak_flops("cpu", threads=2)
+        assert acc.peak_flops("cpu", threads=1) == one  # one figure per thread count, not per device
+    finally:
+        acc.measured_matmul_flops.__wrapped__ = real
+    assert seen == [1] * 4 + [2] * 4, seen  # each figure is the best of 4 rounds at its own thread count
+    assert torch.get_num_threads() == before, "the caller's thread count is restored"
+    assert one > 1e8 and two > 1e8
+    assert acc.cpu_matmul_flops.cache_info().currsize == 2
 
 
 def _vendor_tokens(path: Path) -> list[str]:
@@ -129,3 +152,33 @@ def test_cuda_specific_answers():
     assert not acc.grouped_mm_supported(torch.zeros(2, device=device))
     major, minor = torch.cuda.get_device_capability(device)
     assert acc.fp8_supported(device) == ((major, minor) >= (8, 9))
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1"}, "CUDA_VISIBLE_DEVICES"),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES"),  # device 0, not a count
+        ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE"),
+        ({"SLURM_JOB_GPUS": "0,1,2,3"}, "SLURM_JOB_GPUS"),
+        ({"SLURM_STEP_GPUS": "2"}, "SLURM_STEP_GPUS"),
+        ({"SLURM_GPUS": "8"}, "SLURM_GPUS"),
+        ({"GPU_DEVICE_ORDINAL": "0"}, "GPU_DEVICE_ORDINAL"),
+        ({"CUDA_VISIBLE_DEVICES": ""}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1", "SLURM_JOB_GPUS": "0"}, None),  # the user chose CPU on a GPU job
+        ({"SLURM_GPUS_ON_NODE": "0"}, None),
+        ({}, None),
+    ],
+)
+def test_gpus_requested_reads_the_scheduler_variables(env, named):
+    found = acc.gpus_requested(env)
+    assert (found[0] if found else None) == named
+
+
+@pytest.mark.skipif(acc.has_accelerator(), reason="the refusal is for a torch that cannot use the GPUs")
+def test_requested_gpus_without_a_usable_accelerator_are_refused():
+    with pytest.raises(ValueError, match=r"SLURM_JOB_GPUS=0,1 gives this job GPUs.*DEVICE=cuda"):
+        acc.check_requested_gpus({"SLURM_JOB_GPUS": "0,1"})
+    acc.check_requested_gpus({"CUDA_VISIBLE_DEVICES": "NoDevFiles"})  # no GPUs given: nothing to refuse

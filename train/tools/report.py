@@ -24,6 +24,9 @@ from train.config import ReportRoot
 from train.tools import CONFIGS
 
 IGNORED_PREFIXES = ("run.", "logging.", "checkpoint.", "tokenizer.path", "data.path", "train.eval_")
+# Config sections shown as one column named after the section, whose cell is the key given here (the data config's
+# name), instead of one column per differing key: two data configs differ in dozens of data.sources.* keys.
+GROUPED_SECTIONS = {"data": "data.name"}
 
 
 @dataclass
@@ -93,6 +96,38 @@ def differing(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
+def columns(runs: list[Run]) -> list[str]:
+    """The table's setting columns: the differing keys, those of a GROUPED_SECTIONS section as one column."""
+    out: list[str] = []
+    for key in differing(runs):
+        col = key.split(".", 1)[0] if key.split(".", 1)[0] in GROUPED_SECTIONS else key
+        if col not in out:
+            out.append(col)
+    return out
+
+
+def column_values(runs: list[Run], col: str) -> list[str]:
+    """Each run's value in column `col`; a grouped section shows its name, plus a short hash of the section where
+    runs share the name but not the settings."""
+    if col not in GROUPED_SECTIONS:
+        return [_fmt(r.config.get(col)) for r in runs]
+    names = [str(r.config.get(GROUPED_SECTIONS[col])) for r in runs]
+    digests = []
+    for r in runs:
+        section = {k: v for k, v in r.config.items() if k.startswith(col + ".") and not k.startswith(IGNORED_PREFIXES)}
+        digests.append(hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:6])
+    ambiguous = {n for n in names if len({d for m, d in zip(names, digests, strict=True) if m == n}) > 1}
+    return [f"{n} #{d}" if n in ambiguous else n for n, d in zip(names, digests, strict=True)]
+
+
+def md_cell(value) -> str:
+    """`value` as one Markdown table cell: a pipe would end the cell and a newline the row; `<` would open HTML
+    (a redacted `<redacted>` would vanish)."""
+    text = value if isinstance(value, str) else _fmt(value)
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+    return text.replace("\r\n", "\n").replace("\n", "<br>")
+
+
 def _identity(run: Run) -> dict:
     """What must match for runs to be comparable: data, tokenizer, token budget."""
     out = {"token budget": run.config.get("train.max_steps", 0) * run.config.get("train.global_batch_tokens", 0)}
@@ -116,7 +151,9 @@ def comparability_notes(runs: list[Run]) -> list[str]:
 def summarize(run: Run) -> dict:
     train, val = run.train_rows, run.val_rows
     rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
-    mfus = [r["mfu"] for r in train[1:]] or [r["mfu"] for r in train]
+    mfus = [r["mfu"] for r in train[1:] if r.get("mfu") is not None] or [
+        r["mfu"] for r in train if r.get("mfu") is not None
+    ]
     per_source = {k.split("/", 1)[1]: v for k, v in (val[-1] if val else {}).items() if k.startswith("val_loss/")}
     return {
         "final_val": val[-1]["val_loss"] if val else None,
@@ -138,23 +175,30 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def label(run: Run, keys: list[str]) -> str:
-    return ", ".join(f"{k}={run.config.get(k)}" for k in keys) or run.path.name
+def labels(runs: list[Run], cols: list[str]) -> list[str]:
+    """Legend entries: each run's values of the setting columns (its directory name when none differ)."""
+    values = [column_values(runs, c) for c in cols]
+    return [
+        ", ".join(f"{c}={v[i]}" for c, v in zip(cols, values, strict=True)) or r.path.name for i, r in enumerate(runs)
+    ]
 
 
-def plot(runs: list[Run], keys: list[str], out: Path) -> list[str]:
+def plot(runs: list[Run], cols: list[str], out: Path) -> list[str]:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = ["\n".join(textwrap.wrap(lab, 70)) or lab for lab in labels(runs, cols)]
     files = []
     for xkey, name in (("step", "loss_by_step.png"), ("tokens", "loss_by_tokens.png")):
         fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(13, 5), dpi=110)
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
             t = run.train_rows
-            ax_t.plot([r[xkey] for r in t], [r["loss"] for r in t], color=color, lw=1.2, label=label(run, keys))
+            ax_t.plot([r[xkey] for r in t], [r["loss"] for r in t], color=color, lw=1.2, label=names[i])
             v = run.val_rows
             ax_v.plot([r[xkey] for r in v], [r["val_loss"] for r in v], "o-", color=color, lw=1.5, ms=4)
         for ax, title in ((ax_t, "training loss"), (ax_v, "validation loss")):
@@ -162,39 +206,63 @@ def plot(runs: list[Run], keys: list[str], out: Path) -> list[str]:
             ax.set_xlabel("optimizer step" if xkey == "step" else "tokens seen")
             ax.set_ylabel("cross-entropy (nats/token)")
             ax.grid(alpha=0.3)
-        fig.legend(loc="lower center", ncol=min(3, len(runs)), fontsize=9, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(runs) - 1) // 3), 1, 1))
-        fig.savefig(out / name)
+        fig.tight_layout()
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(2, len(runs)), fontsize=9, frameon=False)
+        fig.savefig(out / name, bbox_inches="tight")  # the canvas grows to hold the legend below the axes
         plt.close(fig)
         files.append(name)
     return files
+
+
+def table_lines(runs: list[Run], sums: list[dict]) -> list[str]:
+    """The comparison table (Markdown): one row per run, the differing settings first."""
+    cols = columns(runs)
+    sources = sorted({s for x in sums for s in x["per_source"]})
+    tasks = sorted({t for r in runs for t in r.downstream})
+    head = ["run", *cols, "final val", "best val", *[f"val {s}" for s in sources], *tasks]
+    head += ["tokens", "tokens/s", "MFU", "peak GB", "wall s"]
+    values = [column_values(runs, c) for c in cols]
+    lines = ["| " + " | ".join(map(md_cell, head)) + " |", "|" + "---|" * len(head)]
+    for i, (run, s) in enumerate(zip(runs, sums, strict=True)):
+        cells = [run.path.name, *[v[i] for v in values], _fmt(s["final_val"]), _fmt(s["best_val"])]
+        cells += [_fmt(s["per_source"].get(src)) for src in sources]
+        cells += [_fmt(run.downstream.get(t, {}).get("score")) for t in tasks]
+        cells += [_fmt(s["tokens"]), _fmt(s["tokens_per_s"]), _fmt(s["mfu"], 3), _fmt(s["peak_mem_gb"], 3)]
+        cells += [_fmt(s["wall_s"])]
+        lines.append("| " + " | ".join(map(md_cell, cells)) + " |")
+    return lines
+
+
+def data_lines(runs: list[Run]) -> list[str]:
+    """Each data config of the runs (when they differ): its sources with weight and license."""
+    if "data" not in columns(runs):
+        return []
+    lines, seen = ["", "## Data configs", ""], set()
+    for run, name in zip(runs, column_values(runs, "data"), strict=True):
+        if name in seen:
+            continue
+        seen.add(name)
+        srcs = sorted({k.split(".")[2] for k in run.config if k.startswith("data.sources.") and k.count(".") >= 3})
+        parts = [f"{s} (weight {run.config.get(f'data.sources.{s}.weight')}, "
+                 f"{run.config.get(f'data.sources.{s}.license')})" for s in srcs]  # fmt: skip
+        lines.append(f"- {name}: {', '.join(parts) or 'no sources'}")
+    return lines
 
 
 def write_report(paths: list[str], out: str | Path) -> Path:
     runs, failed = find_runs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = differing(runs)
     sums = [summarize(r) for r in runs]
-    sources = sorted({s for x in sums for s in x["per_source"]})
-    tasks = sorted({t for r in runs for t in r.downstream})
     lines = ["# Run comparison", "", f"{len(runs)} runs: {', '.join(str(r.path) for r in runs)}", ""]
     lines += [f"> {n}" for n in comparability_notes(runs)] + [""]
-    head = ["run", *keys, "final val", "best val", *[f"val {s}" for s in sources], *tasks]
-    head += ["tokens", "tokens/s", "MFU", "peak GB", "wall s"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run, s in zip(runs, sums, strict=True):
-        cells = [run.path.name, *[_fmt(run.config.get(k)) for k in keys], _fmt(s["final_val"]), _fmt(s["best_val"])]
-        cells += [_fmt(s["per_source"].get(src)) for src in sources]
-        cells += [_fmt(run.downstream.get(t, {}).get("score")) for t in tasks]
-        cells += [_fmt(s["tokens"]), _fmt(s["tokens_per_s"]), _fmt(s["mfu"], 3), _fmt(s["peak_mem_gb"], 3)]
-        cells += [_fmt(s["wall_s"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += table_lines(runs, sums)
+    lines += data_lines(runs)
     if failed:
         lines += ["", "## Failed jobs", ""]
         lines += [f"- job {r['job']} ({' '.join(r['overrides'])}): {r['error']}" for r in failed]
     lines += ["", "## Loss curves", ""]
-    lines += [f"![{f}]({f})" for f in plot(runs, keys, out)]
+    lines += [f"![{f}]({f})" for f in plot(runs, columns(runs), out)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 

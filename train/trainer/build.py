@@ -32,7 +32,7 @@ from train.checkpoint.compat import check_compatible, model_meta, needs_universa
 from train.checkpoint.layout import latest_tag, read_meta
 from train.checkpoint.manager import Checkpointer
 from train.config import PretrainConfig
-from train.engine import expert_parallel, model_parallel
+from train.engine import distributed, expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine
 from train.engine.distributed import Dist
 from train.engine.optimize import check_fp8, optimize_model
@@ -61,6 +61,7 @@ class Plan:
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
     """Check the config against the tokenizer, the prepared data and any checkpoint in run.dir."""
+    accelerator.check_requested_gpus()  # a CPU torch on a GPU node must not fall back to gloo on CPU silently
     if not cfg.run.dir or cfg.run.dir == "???":
         raise ValueError("set run.dir=DIR: where this run writes config.yaml, metrics.jsonl and checkpoints/")
     if not cfg.tokenizer.path:
@@ -137,6 +138,19 @@ def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
         torch.set_num_threads(n)
 
 
+def device_peak_flops(cfg: PretrainConfig, d: Dist) -> float:
+    """One rank's peak FLOP/s for MFU (`train.peak_tflops`, else accelerator.peak_flops), the same on every rank.
+
+    Called after set_threads, so a CPU rank measures with the threads it trains with. The ranks measure together
+    after a barrier, so the cores they share are shared as in training and no rank's figure is taken while another
+    still builds its engine; the highest figure is used on every rank: a measurement slowed by other work would
+    understate the peak and overstate MFU."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    distributed.barrier()
+    return max(distributed.all_gather_object(accelerator.peak_flops(d.device, torch.get_num_threads())))
+
+
 def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int,
                 sp_size: int = 1):  # fmt: skip
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
@@ -200,7 +214,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     debug = faults.active(cfg.debug)
     kill_points = faults.KillDuringSave(cfg.debug.kill_during_save_at) if debug else None
     checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint, meta, kill_points)
-    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else accelerator.peak_flops(d.device)
+    peak = device_peak_flops(cfg, d)
     # Order matters where components meet: the guard sees the loss before the update, the balancer and the
     # monitor close the step before validation, fault injection acts before the guard's rollback.
     components: list[Callback] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from model import accelerator
 from tests.helpers import run_module, torchrun_pretrain, train_args
 
 
@@ -100,3 +101,20 @@ def test_parallel_layout_that_cannot_run(args, override, message):
     proc = pretrain(*args, *override)
     assert proc.returncode == 2
     assert f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(accelerator.has_accelerator(), reason="needs a torch without GPUs")
+@pytest.mark.parametrize("var, value", [("CUDA_VISIBLE_DEVICES", "0,1"), ("SLURM_GPUS_ON_NODE", "2")])
+def test_gpus_given_but_unusable_are_refused_in_one_line(args, var, value):
+    proc = run_module("train.pretrain", *args, check=False, timeout=120, env={var: value})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
+    assert proc.stderr.startswith(f"error: {var}={value} gives this job GPUs") and "DEVICE=cuda" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["", "-1", "NoDevFiles"])
+def test_no_device_cuda_visible_devices_is_not_a_gpu_request(args, value):
+    proc = run_module("train.pretrain", *args, "train.global_batch_tokens=500", check=False, timeout=120,
+                      env={"CUDA_VISIBLE_DEVICES": value, "SLURM_JOB_GPUS": "0"})  # fmt: skip
+    assert proc.returncode == 2 and "gives this job GPUs" not in proc.stderr, proc.stderr
+    assert "not a multiple of train.seq_len=64" in proc.stderr  # the next check ran: CPU was chosen on purpose
