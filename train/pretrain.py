@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node=N -m train.pretrain experiment=NAME run.dir=DIR [overrides]`: pretrain a model."""
+"""`python -m launch.run --nproc_per_node=N -m train.pretrain experiment=NAME run.dir=DIR [overrides]` (or plain
+`torchrun`): pretrain a model."""
 
 from __future__ import annotations
 
@@ -10,17 +11,28 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from data_pipeline.cli import to_object_strict, user_errors
+from data_pipeline.cli import run_hydra_main, to_object_strict, user_errors
 from model import accelerator
 from train.config import PretrainConfig, move_deprecated_keys
 from train.engine.distributed import init_distributed, shutdown
+from train.engine.launcher import follow_launcher
 from train.tools.sweep import in_sweep, run_sweep_job
 from train.trainer import build
 
 
 def run(cfg: PretrainConfig, raw: DictConfig) -> dict:
-    """Plan (every check before any collective), join the job, build, resume if a checkpoint exists, train."""
-    plan = build.plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    """Plan (every check before any collective), hold run.dir (rank 0), join the job, build, resume if a checkpoint
+    exists, train."""
+    lock = build.lock_run_dir(cfg)  # rank 0; a second launch stops here, before any other work
+    try:
+        plan = build.plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        return train(plan, cfg, raw)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(plan: build.Plan, cfg: PretrainConfig, raw: DictConfig) -> dict:
     d = init_distributed(cfg.deepspeed)
     build.set_threads(cfg, d.local_world_size)
     base_mem = accelerator.memory_in_use_gb(d.device)
@@ -57,4 +69,5 @@ def main(raw: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    follow_launcher()  # under torchrun: end with the launcher, even when it is killed with -9
+    run_hydra_main(main)
