@@ -51,6 +51,7 @@ def one_line(err: BaseException) -> str:
 
     if isinstance(err, MissingMandatoryValue) and getattr(err, "full_key", None):
         return f"{err.full_key} has no value: set {err.full_key}=... on the command line or in the experiment"
+
     def lines(e: BaseException) -> str:
         text = str(e).split("Config search path:")[0]  # Hydra appends its search path to a missing option
         kept = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(_OMEGACONF_DETAIL)]

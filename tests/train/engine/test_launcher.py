@@ -59,8 +59,9 @@ def workers_of(run_dir: Path) -> list[int]:
 
 def test_second_launch_is_refused_naming_the_holder_and_ctrl_c_saves_with_exit_0(tiny_tokenizer, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    args = train_args(tiny_tokenizer, tiny_data, run_dir, "checkpoint.every_steps=0", "train.max_steps=100",
-                      "debug.step_sleep_s=1")  # long enough for the second launch to meet the first
+    args = train_args(
+        tiny_tokenizer, tiny_data, run_dir, "checkpoint.every_steps=0", "train.max_steps=100", "debug.step_sleep_s=1"
+    )  # long enough for the second launch to meet the first
     first = start(LAUNCH, args)
     wait_for(first, lambda: logged(run_dir) >= 1, "logged step")
     holder = json.loads((run_dir / "run.lock").read_text())
@@ -117,6 +118,7 @@ def test_kill_9_of_the_launchers_group_ends_the_workers_and_the_relaunch_logs_ea
     proc = torchrun_pretrain(*args)  # the same command: takes over the dead run's lock, resumes from step 5
     assert "took over" in proc.stderr and "has exited" in proc.stderr
     assert f"dropped {killed_at - 5} rows" in proc.stderr
+
     def steps(d: Path) -> list[int]:
         return [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()]
 
