@@ -115,7 +115,24 @@ def _user_error(failures: dict) -> bool:
     return USER_ERROR in codes and all(c == USER_ERROR or c < 0 for c in codes)
 
 
-def _patch_agent(stopper: _Stopper) -> None:
+class _QuietUserError(logging.Filter):
+    """Drops the agent's `failed (exitcode: 2)` line and its lines about then stopping the other workers (logged
+    just before it, while the failed worker's exit status is already known to its Popen)."""
+
+    pcontext = None
+    """The agent's process context (set by the patched monitor), whose handlers hold the workers' Popen objects."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if f"exitcode: {USER_ERROR})" in msg:
+            return False
+        if "closing signal" in msg:
+            handlers = getattr(self.pcontext, "subprocess_handlers", {}) or {}
+            return not any(getattr(h.proc, "returncode", None) == USER_ERROR for h in handlers.values())
+        return True
+
+
+def _patch_agent(stopper: _Stopper, quiet: _QuietUserError) -> None:
     """No restart (`--max-restarts`) for a user error or after a forwarded stop request: torch's agent restarts any
     failed worker group while restarts remain (LocalElasticAgent._invoke_run, torch 2.13)."""
     from torch.distributed.elastic.agent.server.api import WorkerState
@@ -124,6 +141,7 @@ def _patch_agent(stopper: _Stopper) -> None:
     original = LocalElasticAgent._monitor_workers
 
     def monitor(self, worker_group):
+        quiet.pcontext = getattr(self, "_pcontext", None)
         result = original(self, worker_group)
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             if stopper.requested is not None or _user_error(result.failures):
@@ -145,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["HANGANG_LAUNCHER_PID"] = str(os.getpid())
     stopper = _Stopper()
     stopper.install()
-    _patch_agent(stopper)
+    quiet = _QuietUserError()
+    _patch_agent(stopper, quiet)
 
     @record
     def launch() -> None:
@@ -156,10 +175,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(USER_ERROR) from None  # the worker said it in one line; no report, no retry
             raise
 
-    # The agent logs every worker's exit at WARNING/ERROR; a user error has been said once already.
-    logging.getLogger("torch.distributed.elastic").addFilter(
-        lambda rec: f"exitcode: {USER_ERROR}" not in rec.getMessage()
-    )
+    # The agent logs a worker's exit and the stopping of the others; a user error has been said once already. (A
+    # filter acts on the logger it is added to only, not on its children: add it to each of torch's elastic ones.)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).addFilter(quiet)
     try:
         launch()
     except SignalException as err:

@@ -26,7 +26,7 @@ from train.callbacks.heartbeat import Heartbeat
 from train.callbacks.loggers import MetricsJsonl, Progress, Wandb
 from train.callbacks.moe import MoEBalance
 from train.callbacks.monitor import SpeedMonitor
-from train.callbacks.preemption import Preemption
+from train.callbacks.preemption import Preemption, PreemptionHandler
 from train.callbacks.stability import StabilityGuard
 from train.checkpoint.compat import check_compatible, model_meta, needs_universal
 from train.checkpoint.layout import latest_tag, read_meta, step_of
@@ -183,9 +183,10 @@ def write_run_files(plan: Plan, raw: DictConfig) -> dict:
     return resolved
 
 
-def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> tuple[Trainer, list[Callback]]:
+def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
+                  stop: PreemptionHandler | None = None) -> tuple[Trainer, list[Callback]]:  # fmt: skip
     """The engine, the data and every component of the run, registered with a Trainer; returns it and the
-    loggers (rank 0) that must be closed at the end."""
+    loggers (rank 0) that must be closed at the end. `stop`: the stop-signal handler, when installed earlier."""
     cfg = plan.cfg
     model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage)
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
@@ -215,7 +216,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
                            peak, d.world_size, base_mem_gb)  # fmt: skip
     validator = Validator(cfg.train, val, val_sources)
     components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
-                                                  cfg.checkpoint.preemption_grace_s)]  # fmt: skip
+                                                  cfg.checkpoint.preemption_grace_s, stop)]  # fmt: skip
     loggers: list[Callback] = []
     if d.is_main:
         resolved = write_run_files(plan, raw)
