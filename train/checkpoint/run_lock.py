@@ -1,12 +1,13 @@
 """One run per run directory: RUN_DIR/run.lock, held by rank 0 from the plan until the end of the launch.
 
 Works on the shared filesystems clusters use (NFS, Lustre), where `flock` is often missing or local to a node: the
-lock file is created with O_CREAT|O_EXCL (atomic on NFSv3+ and Lustre) and records host, pid, launcher pid, job id
-and a heartbeat timestamp that a daemon thread refreshes (atomic rename). A holder is gone, and its lock is taken
-over with a message, when its heartbeat is older than `stale_s`, or when it ran on this host and its process no
-longer exists. A restart of the same job (torchrun `--max-restarts`: same launcher; SLURM: same job id, also after a
-requeue) takes its own lock back. A takeover is serialised by a second O_EXCL file, so two launchers that find the
-same stale lock cannot both win.
+lock file is created with O_CREAT|O_EXCL (atomic on NFSv3+ and Lustre) and records host, pid, launcher pid and job
+id; its heartbeat is the file's modification time, which a daemon thread of the holder sets to the time now (utime:
+never a rewrite, so a holder that wakes up late cannot overwrite the record of a run that took over). A holder is
+gone, and its lock is taken over with a message, when its heartbeat is older than `stale_s`, or when it ran on this
+host and its process no longer exists. A restart of the same job (torchrun `--max-restarts`: same launcher; SLURM:
+same job id, also after a requeue) takes its own lock back. A takeover is serialised by a second O_EXCL file, so two
+launchers that find the same stale lock cannot both win.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def identity() -> dict:
 
 
 def describe(holder: dict, now: float | None = None) -> str:
-    age = (now or time.time()) - float(holder.get("heartbeat", 0))
+    age = (now or time.time()) - float(holder.get("heartbeat", 0))  # read by _read from the file's mtime
     job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, heartbeat {age:.0f} s ago"
 
@@ -105,7 +106,7 @@ class RunLock:
     # --- file operations ---------------------------------------------------------------------------------------
 
     def _record(self) -> str:
-        return json.dumps({**self.me, "heartbeat": time.time(), "stale_s": self.stale_s}) + "\n"
+        return json.dumps({**self.me, "started": time.time(), "stale_s": self.stale_s}) + "\n"
 
     def _replace(self) -> None:
         """Write our record atomically over whatever is there (rename; same directory, so same filesystem)."""
@@ -117,14 +118,15 @@ class RunLock:
         os.replace(tmp, self.path)
 
     def _read(self) -> tuple[str, dict] | None:
-        """The lock's text and record; None when there is none. A torn record (a crash mid-write) reads as a holder
-        with no heartbeat: stale."""
+        """The lock's text and record, `heartbeat` = its mtime; None when there is none. A torn record (a crash
+        mid-write) reads as a holder with no heartbeat: stale."""
         try:
             raw = self.path.read_text()
+            beat = self.path.stat().st_mtime
         except FileNotFoundError:
             return None
         try:
-            rec = json.loads(raw)
+            rec = {**json.loads(raw), "heartbeat": beat}
         except json.JSONDecodeError:
             rec = {"host": "?", "pid": "?", "heartbeat": 0}
         return raw, rec
@@ -205,7 +207,8 @@ class RunLock:
                     self.log(f"{self.path} was {who}: no longer refreshing it")
                     self.held = False
                     return
-                self._replace()
+                now = time.time()
+                os.utime(self.path, (now, now))  # at worst refreshes a run that just took over: harmless
             except OSError as err:  # a storage hiccup must not kill training; the next beat tries again
                 self.log(f"could not refresh {self.path}: {err}")
 

@@ -63,11 +63,12 @@ def test_a_live_holder_is_refused_by_name_then_taken_over_once_dead(tmp_path, cl
 
 
 def test_a_stale_heartbeat_from_another_host_is_taken_over_a_fresh_one_is_not(tmp_path, clean_env):
-    record = {"host": "node-17", "pid": 4242, "launcher_pid": 4200, "heartbeat": time.time(), "token": "x"}
+    record = {"host": "node-17", "pid": 4242, "launcher_pid": 4200, "token": "x"}
     (tmp_path / LOCK_NAME).write_text(json.dumps(record))
     with pytest.raises(RunDirBusy, match="host node-17, pid 4242"):
         RunLock(tmp_path, stale_s=60).acquire()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "heartbeat": time.time() - 120}))
+    past = time.time() - 120
+    os.utime(tmp_path / LOCK_NAME, (past, past))  # its holder stopped refreshing the heartbeat 2 minutes ago
     said = []
     lock = RunLock(tmp_path, stale_s=60, log=said.append)
     lock.acquire()
@@ -82,7 +83,7 @@ def test_a_restart_of_the_same_job_takes_its_lock_back(tmp_path, clean_env):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live pid, not ours
     try:
         record = {"host": socket.gethostname(), "pid": other.pid, "launcher_pid": os.getpid(),
-                  "torchrun_id": "job-a", "heartbeat": time.time(), "token": "x"}  # fmt: skip
+                  "torchrun_id": "job-a", "token": "x"}  # fmt: skip
         (tmp_path / LOCK_NAME).write_text(json.dumps(record))
         said = []
         lock = RunLock(tmp_path, log=said.append)
@@ -106,11 +107,15 @@ def test_a_restart_of_the_same_job_takes_its_lock_back(tmp_path, clean_env):
 def test_heartbeat_is_refreshed_and_release_keeps_a_lock_that_is_not_ours(tmp_path, clean_env):
     lock = RunLock(tmp_path, stale_s=0.5)  # refreshed every 0.05 s
     lock.acquire()
-    first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
+    past = time.time() - 10
+    os.utime(tmp_path / LOCK_NAME, (past, past))
     time.sleep(0.4)
-    assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "node-9", "pid": 1, "heartbeat": time.time(), "token": "y"}))
+    assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 0.3  # the heartbeat thread touched it
+    other = tmp_path / "other"
+    other.write_text(json.dumps({"host": "node-9", "pid": 1, "token": "y"}))
+    os.replace(other, tmp_path / LOCK_NAME)  # as a takeover does: atomically
     time.sleep(0.2)
+    assert not lock.held  # the heartbeat saw it was taken
     lock.release()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == "y"  # someone else's: left alone
 
