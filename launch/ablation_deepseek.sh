@@ -46,7 +46,7 @@ for name in dense_gqa dense_mla moe_auxfree moe_auxloss moe_auxfree_g1e-2 moe_au
   steps=$($PY -c "print(round($BASE_STEPS * $base / $f))")
   echo "=== $name: $f FLOPs/token, $steps steps"
   rm -rf "$OUT/$name" && mkdir -p "$OUT/$name"
-  $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m train.pretrain model=deepseek_tiny \
+  $PY -m launch.run --standalone --nproc_per_node "$NPROC" -m train.pretrain model=deepseek_tiny \
     ${VARIANTS[$name]} tokenizer.path="$OUT/tokenizer" data.path="$OUT/data" run.dir="$OUT/$name" \
     train.max_steps="$steps" train.seq_len=$SEQ train.global_batch_tokens=1024 train.micro_batch_size=8 train.threads_per_rank=1 \
     train.eval_every=1000 train.eval_sequences=48 optim.lr=3e-3 optim.warmup_steps=6 checkpoint.every_steps=0 \

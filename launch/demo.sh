@@ -15,7 +15,7 @@ $PY -m tokenizer.train tokenizer=ko8k data=ko_sample out="$OUT/tokenizer"
 step "2/6 prepare token shards (licenses checked, bill of materials in manifest.json)"
 $PY -m data_pipeline.prepare data=ko_sample tokenizer.path="$OUT/tokenizer" out="$OUT/data"
 step "3/6 pretrain with $NPROC processes under DeepSpeed ZeRO-2"
-$PY -m torch.distributed.run --nproc_per_node "$NPROC" -m train.pretrain experiment=ko_tiny \
+$PY -m launch.run --nproc_per_node "$NPROC" -m train.pretrain experiment=ko_tiny \
   tokenizer.path="$OUT/tokenizer" data.path="$OUT/data" run.dir="$OUT/run" logging.progress=true
 step "4/6 evaluate on held-out text"
 $PY -m train.evaluate run.dir="$OUT/run" \

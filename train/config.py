@@ -272,8 +272,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this, whatever keep_last says; 0 = none."""
     verify_hashes: bool = True
     """On resume, check every file's sha256 against the checkpoint's manifest (else sizes only; huge checkpoints)."""
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    """Signals that make the run finish its step, save a checkpoint and exit (SLURM: `--signal=B:USR1@180`)."""
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    """Signals that make the run finish its step, save a checkpoint and exit 0 (SLURM: `--signal=B:USR1@180`;
+    SIGINT = Ctrl-C). `python -m launch.run` forwards SIGINT, SIGTERM and SIGUSR1 to the workers."""
     preemption_grace_s: float = 120.0
     """Time a scheduler allows between the signal and the kill; a save that took longer is reported."""
 
@@ -321,6 +322,13 @@ class RunConfig:
     name: str | None = None
     nproc_per_node: int = 0
     """Processes per job when a Hydra sweep (-m) launches torchrun itself; 0 = all GPUs, or 2 on CPU."""
+    lock_stale_s: float = 300.0
+    """RUN_DIR/run.lock: a holder whose heartbeat (refreshed by rank 0 every lock_stale_s / 10) is older than this,
+    or whose process is gone (same host), is taken over; any other holder makes a second launch refuse to start."""
+
+    def __post_init__(self) -> None:
+        if self.lock_stale_s <= 0:
+            raise ValueError(f"run.lock_stale_s={self.lock_stale_s}: must be > 0 seconds")
 
 
 @dataclass

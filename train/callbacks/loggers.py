@@ -13,10 +13,42 @@ from train.config import LoggingConfig
 from train.secrets import redact
 
 
-class MetricsJsonl(Callback):
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (appends across resumes)."""
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of `path` logged after `step` (the checkpoint a run resumes from: those steps are trained
+    again), rewriting the file atomically; returns how many rows were dropped. A torn last line (a kill mid-write)
+    is dropped too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(f"{line}\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, run_dir: Path) -> None:
+
+class MetricsJsonl(Callback):
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, across resumes; each step appears once:
+    rows past the checkpoint a launch resumes from (`resume_step`, 0 = none) are dropped first."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0) -> None:
+        self.dropped = trim_metrics(run_dir / "metrics.jsonl", resume_step)
+        if self.dropped:
+            print(f"[metrics] resuming from step {resume_step}: dropped {self.dropped} rows logged after it from "
+                  f"{run_dir / 'metrics.jsonl'} (those steps are trained again)", file=sys.stderr)  # fmt: skip
         self.fh = open(run_dir / "metrics.jsonl", "a", buffering=1)
 
     def on_log(self, step: int, metrics: dict) -> None:
@@ -27,9 +59,17 @@ class MetricsJsonl(Callback):
 
 
 class Wandb(Callback):
-    """Same metrics and the resolved config to W&B; resumes the same W&B run id after a restart."""
+    """Same metrics and the resolved config to W&B; resumes the same W&B run id after a restart that continues where
+    it stopped (preemption, exit_after_steps).
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, name: str | None) -> None:
+    A resume that goes back (`rewound`: steps after the checkpoint had been logged, a kill or crash) starts a new W&B
+    run instead, `<id>-s<step>`, in the same group (the run's first id when logging.wandb.group is unset), so that
+    no W&B run holds a step twice. W&B's own rewind (`resume_from`) is done by the server, is not available in
+    offline mode, and was in preview, so it is not used.
+    """
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, config: dict, name: str | None, rewound_to: int | None = None
+                 ) -> None:  # fmt: skip
         try:
             import wandb  # lazy: a benchmark or a disabled run must not need it
         except ImportError as e:
@@ -40,13 +80,18 @@ class Wandb(Callback):
 
         id_file = run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        first_id = run_id.split("-s")[0]
+        display = cfg.wandb.name or name
+        if rewound_to is not None:
+            run_id = f"{first_id}-s{rewound_to}-{uuid.uuid4().hex[:4]}"
+            display = f"{display or first_id} (from step {rewound_to})"
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
-            group=redact(cfg.wandb.group),
-            name=redact(cfg.wandb.name or name),
+            group=redact(cfg.wandb.group or first_id),
+            name=redact(display),
             tags=redact(list(cfg.wandb.tags)),
             mode=cfg.wandb.mode,
             dir=str(run_dir),

@@ -11,7 +11,7 @@ from train.engine.distributed import all_reduce_max_flag
 
 
 class PreemptionHandler:
-    """Records SIGTERM/SIGUSR1 (configurable); the loop then finishes its step, saves and exits.
+    """Records SIGTERM/SIGUSR1/SIGINT (configurable); the loop then finishes its step, saves and exits.
 
     Ranks may receive the signal at different moments, so `agreed()` all-reduces the flag: every rank stops after
     the same step, and the checkpoint is written by all of them together.
@@ -20,6 +20,10 @@ class PreemptionHandler:
     def __init__(self, names: list[str]) -> None:
         self.received_at: float | None = None
         self.signal_name: str | None = None
+        self.install(names)
+
+    def install(self, names: list[str]) -> None:
+        """(Re)install the handlers, e.g. after libraries initialised during startup."""
         for name in names:
             sig = getattr(signal, name, None)
             if sig is None:
@@ -43,8 +47,10 @@ class PreemptionHandler:
 class Preemption(Callback):
     """After each step, agree across ranks whether a preemption signal arrived; if so the trainer saves and stops."""
 
-    def __init__(self, signals: list[str], grace_s: float) -> None:
-        self.handler = PreemptionHandler(signals)
+    def __init__(self, signals: list[str], grace_s: float, handler: PreemptionHandler | None = None) -> None:
+        self.handler = handler or PreemptionHandler(signals)
+        if handler is not None:  # installed early by the entry point, so no signal during startup is lost
+            handler.install(signals)
         self.grace_s = grace_s
         self.preempted = False
 

@@ -32,11 +32,11 @@ def in_sweep() -> bool:
 
 
 def job_command(overrides: list[str], job_dir: Path, group: str, nproc: int) -> list[str]:
-    """The torchrun command of one sweep job; the sweep owns run.dir and the W&B group and tags."""
+    """The torchrun command (`launch.run`) of one sweep job; the sweep owns run.dir and the W&B group and tags."""
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_CONTROLLED]
     tags = ",".join("'" + o.replace("'", "") + "'" for o in kept)
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "launch.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "train.pretrain", *kept,
         f"run.dir='{job_dir}'", f"logging.wandb.group={group}", f"logging.wandb.tags=[{tags}]",
     ]  # fmt: skip

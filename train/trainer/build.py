@@ -26,11 +26,12 @@ from train.callbacks.heartbeat import Heartbeat
 from train.callbacks.loggers import MetricsJsonl, Progress, Wandb
 from train.callbacks.moe import MoEBalance
 from train.callbacks.monitor import SpeedMonitor
-from train.callbacks.preemption import Preemption
+from train.callbacks.preemption import Preemption, PreemptionHandler
 from train.callbacks.stability import StabilityGuard
 from train.checkpoint.compat import check_compatible, model_meta, needs_universal
-from train.checkpoint.layout import latest_tag, read_meta
+from train.checkpoint.layout import latest_tag, read_meta, step_of
 from train.checkpoint.manager import Checkpointer
+from train.checkpoint.run_lock import RunLock
 from train.config import PretrainConfig
 from train.engine import distributed, expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine
@@ -131,6 +132,16 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
     return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal)
 
 
+def lock_run_dir(cfg: PretrainConfig) -> RunLock | None:
+    """Rank 0 holds RUN_DIR/run.lock until the end of the launch (RunDirBusy, a user error, when another run holds
+    it); the other ranks return None and wait for rank 0 in the rendezvous."""
+    if os.environ.get("RANK", "0") != "0" or not cfg.run.dir or cfg.run.dir == "???":
+        return None  # plan_run names a missing run.dir
+    lock = RunLock(cfg.run.dir, cfg.run.lock_stale_s)
+    lock.acquire()
+    return lock
+
+
 def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
     """On CPU, share the cores between the ranks of this node instead of oversubscribing them."""
     if not accelerator.has_accelerator():
@@ -195,9 +206,10 @@ def write_run_files(plan: Plan, raw: DictConfig) -> dict:
     return resolved
 
 
-def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> tuple[Trainer, list[Callback]]:
+def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
+                  stop: PreemptionHandler | None = None) -> tuple[Trainer, list[Callback]]:  # fmt: skip
     """The engine, the data and every component of the run, registered with a Trainer; returns it and the
-    loggers (rank 0) that must be closed at the end."""
+    loggers (rank 0) that must be closed at the end. `stop`: the stop-signal handler, when installed earlier."""
     cfg, par = plan.cfg, plan.parallel
     model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage,
                         par.sp)  # fmt: skip
@@ -230,15 +242,17 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
                            peak, d.world_size, base_mem_gb)  # fmt: skip
     validator = Validator(cfg.train, val, val_sources)
     components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
-                                                  cfg.checkpoint.preemption_grace_s)]  # fmt: skip
+                                                  cfg.checkpoint.preemption_grace_s, stop)]  # fmt: skip
     loggers: list[Callback] = []
     if d.is_main:
         resolved = write_run_files(plan, raw)
         run_dir = Path(cfg.run.dir)
-        loggers.append(MetricsJsonl(run_dir))
+        resume_step = (step_of(plan.resume_tag) or 0) if plan.resume_tag else 0
+        metrics = MetricsJsonl(run_dir, resume_step)
+        loggers.append(metrics)
         if cfg.logging.wandb.mode != "disabled":
             loggers.append(Wandb(cfg.logging, run_dir, {**resolved, "data_bom": bom_summary(plan.manifest)},
-                                 cfg.run.name))  # fmt: skip
+                                 cfg.run.name, rewound_to=resume_step if metrics.dropped else None))  # fmt: skip
         if cfg.logging.progress:
             loggers.append(Progress(cfg.train.max_steps, 0))
     objective = Objective(cfg.train.moe, cfg.train.mtp, d.device, par.sp)

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM to torchrun makes every rank finish its step, save, and exit; the relaunch continues exactly."""
+"""Preemption: SIGTERM to the launcher (`launch.run`) makes every rank finish its step, save, and exit 0; the relaunch
+continues exactly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(trained_run, tiny_tokeni
     run_dir = tmp_path / "preempted"
     args = train_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", "checkpoint.every_steps=0")
     slow = ["debug.step_sleep_s=0.5"]  # the signal must land mid-run; sleeping changes no loss
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain"]
+    cmd = [sys.executable, "-m", "launch.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     pipe = subprocess.PIPE
     proc = subprocess.Popen(cmd + args + slow, cwd=REPO, env=env, stdout=pipe, stderr=pipe, text=True)
@@ -31,8 +32,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(trained_run, tiny_tokeni
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert "[preemption] SIGTERM" in stderr
+    assert proc.returncode == 0 and "Traceback" not in stdout + stderr, stderr[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped = int(tag.split("_")[1])
     assert 2 <= stopped < 10 and max(losses(run_dir)) == stopped  # saved at the step it stopped, not at the end

@@ -18,20 +18,40 @@ def args(tiny_tokenizer, tiny_data, tmp_path):
     return train_args(tiny_tokenizer, tiny_data, tmp_path / "run")
 
 
+def one_error_line(proc) -> str:
+    """Exit status 2 and exactly one line of output, `error: ...`, no traceback."""
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(out) == 1 and out[0].startswith("error: "), proc.stdout + proc.stderr
+    return out[0]
+
+
 def test_unknown_config_key(args):
     proc = pretrain(*args, "+train.max_stepz=3")
     assert proc.returncode != 0
     assert "max_stepz" in proc.stderr and "TrainConfig" in proc.stderr
+    one_error_line(proc)
 
 
 def test_unknown_key_without_plus(args):
+    """Hydra's own error (it rejects the override before our code runs) is one line and status 2 too."""
     proc = pretrain(*args, "model.d_modle=3")
     assert proc.returncode != 0 and "d_modle" in proc.stderr
+    assert "+model.d_modle=3" in one_error_line(proc)
 
 
 def test_wrong_type(args):
     proc = pretrain(*args, "train.max_steps=ten")
     assert proc.returncode != 0 and "max_steps" in proc.stderr
+    assert "could not be converted to Integer" in one_error_line(proc)
+
+
+def test_missing_run_dir(args):
+    proc = pretrain(*[a for a in args if not a.startswith("run.dir=")])
+    assert "run.dir has no value: set run.dir=" in one_error_line(proc)
+
+
+def test_unknown_config_option(args):
+    assert "Available options in 'model'" in one_error_line(pretrain(*args, "model=nope"))
 
 
 def test_missing_data_path(args, tmp_path):
@@ -51,6 +71,7 @@ def test_batch_that_does_not_divide(args):
 def test_batch_that_does_not_divide_across_ranks(args):
     proc = torchrun_pretrain(*args, "train.global_batch_tokens=640", check=False)  # 10 sequences, 2 x 2 per step
     assert proc.returncode != 0
+    assert sum(line.startswith("error:") for line in proc.stderr.splitlines()) == 1  # local rank 0 only
     assert "does not divide into train.micro_batch_size=2 x 2 data-parallel ranks" in proc.stderr
 
 
