@@ -10,7 +10,7 @@ setup(
     packages=["model", "tokenizer", "data_pipeline", "train", "launch"],
     install_requires=[
         "torch>=2.4",
-        # The DeepSpeed versions train/engine/deepspeed_compat.py's workarounds were checked on (tested by its canaries).
+        # The DeepSpeed versions train/engine/deepspeed_compat.py's workarounds were checked on (see its canaries).
         "deepspeed>=0.19.8,<0.20",
         "sentencepiece>=0.2",
         "datasets>=3.0",
