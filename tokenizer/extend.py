@@ -35,7 +35,7 @@ def korean_pieces(tok: Tokenizer) -> list[str]:
 def uses_metaspace(base) -> bool:
     """Whether the base tokenizer writes spaces as U+2581 (SentencePiece style) rather than as bytes (GPT-2 style)."""
     spec = json.loads(base.backend_tokenizer.to_str())
-    return SPACE in json.dumps(spec.get("normalizer")) + json.dumps(spec.get("pre_tokenizer"))
+    return SPACE in json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
 
 
 def chars_per_token(tok: HFTextTokenizer, texts: list[str]) -> float:
@@ -44,7 +44,7 @@ def chars_per_token(tok: HFTextTokenizer, texts: list[str]) -> float:
 
 def extend(base_dir: str | Path, add_dir: str | Path, out: str | Path, max_added: int = 4096) -> dict:
     """Write the extended tokenizer and hangang_extension.json to `out`; returns the extension record."""
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AddedToken, PreTrainedTokenizerFast
 
     base_dir, out = Path(base_dir), Path(out)
     config = base_dir / "config.json"
@@ -52,7 +52,8 @@ def extend(base_dir: str | Path, add_dir: str | Path, out: str | Path, max_added
         raise FileNotFoundError(f"{config} not found: base= must be a Hugging Face model directory")
     base_rows = json.loads(config.read_text())["vocab_size"]
     HFTextTokenizer(base_dir)  # a clear error when tokenizer.json is missing
-    base = AutoTokenizer.from_pretrained(base_dir)
+    # tokenizer.json as it is: AutoTokenizer would rebuild it from the model type's template (transformers 5).
+    base = PreTrainedTokenizerFast.from_pretrained(base_dir)
     base_vocab = base.get_vocab()
     if len(base) > base_rows:
         raise ValueError(f"{base_dir}: the tokenizer has {len(base)} tokens but the model {base_rows} embedding rows")
