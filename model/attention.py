@@ -153,7 +153,8 @@ def attend(
 
 
 class Attention(nn.Module):
-    """Llama self-attention: bias-free q/k/v/o projections, RoPE on q and k, causal GQA."""
+    """Llama self-attention: q/k/v/o projections, RoPE on q and k, causal GQA. Options: q/k/v biases (Qwen2),
+    per-head RMSNorm of q and k before RoPE (Qwen3, `q_norm` / `k_norm`)."""
 
     attention: Callable[..., torch.Tensor] = staticmethod(attend)
     """The kernel call `attend(backend, q, k, v, scale, mask, flash)`; sequence parallelism (train/) wraps it in
@@ -171,10 +172,14 @@ class Attention(nn.Module):
         self.backend = backend
         # Fail at build time, not at the first forward of a long job.
         self._flash = FlashKernels() if self.backend == "flash_attn" else None
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
@@ -182,8 +187,12 @@ class Attention(nn.Module):
         """x (B, T, d_model), cos/sin (T, hd) or (B, 1, T, hd), mask from `build_attn_mask` -> (B, T, d_model)."""
         B, T, _ = x.shape
         # Head counts follow the projections' widths (-1): tensor parallelism gives a rank a slice of the heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        k = k.transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary_qk(q, k, cos, sin, self._liger)
         y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)

@@ -95,7 +95,7 @@ class ModelConfig:
     """Hidden size."""
     n_layers: int = 4
     n_heads: int = 4
-    """Query heads; head_dim = d_model // n_heads."""
+    """Query heads; head_dim = d_model // n_heads unless head_dim_override is set."""
     n_kv_heads: int = 2
     """Key/value heads for grouped-query attention; must divide n_heads."""
     ffn_hidden: int = 704
@@ -127,6 +127,18 @@ class ModelConfig:
     """MLA: per-head value dims."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    head_dim_override: int | None = None
+    """GQA per-head width when it is not d_model // n_heads (Qwen3, Mistral); null = d_model // n_heads."""
+    qkv_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2; o_proj stays bias-free)."""
+    qk_norm: bool = False
+    """RMSNorm (weights of head_dim) over every query and key head before RoPE (Qwen3: `q_norm`, `k_norm`)."""
+    sliding_window: int | None = None
+    """HF sliding-window span (Mistral), kept for export. Attention here is full causal, which equals sliding-window
+    attention only within the window, so max_seq_len must not exceed it."""
+    hf_architecture: str = field(default="", compare=False)
+    """The transformers class `train.export` writes (a model imported with init.from_hf keeps its family); empty =
+    chosen from the architecture (LlamaForCausalLM or DeepseekV3ForCausalLM). A label: not part of equality."""
 
     def __post_init__(self) -> None:
         # Checkpoint meta and plain YAML give nested dicts; OmegaConf gives the dataclasses.
@@ -144,12 +156,22 @@ class ModelConfig:
                 raise ValueError("model.qk_rope_head_dim must be even for RoPE")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 raise ValueError("model.q_lora_rank must be positive or null")
-        if self.d_model % self.n_heads:
+        if self.head_dim_override is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("model head_dim (d_model // n_heads) must be even for RoPE")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"model head_dim={self.head_dim} must be positive and even for RoPE")
+        if self.attention == "mla" and (self.qkv_bias or self.qk_norm or self.head_dim_override is not None):
+            raise ValueError(
+                "model.qkv_bias, model.qk_norm and model.head_dim_override are GQA options (attention=gqa)"
+            )
+        if self.sliding_window is not None and self.sliding_window < self.max_seq_len:
+            raise ValueError(
+                f"model.sliding_window={self.sliding_window} < model.max_seq_len={self.max_seq_len}: sliding-window "
+                "attention is not implemented (full causal attention equals it only within the window); set "
+                f"model.max_seq_len<={self.sliding_window}"
+            )
         for key in ("n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "d_model"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
@@ -162,7 +184,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim_override if self.head_dim_override is not None else self.d_model // self.n_heads
 
     @property
     def rope_dim(self) -> int:

@@ -126,7 +126,9 @@ class Transformer(nn.Module):
         execution: ExecutionConfig | None = None,
         dispatcher: ExpertDispatcher | None = None,
         seq_shard: SequenceShard | None = None,
+        random_init: bool = True,
     ) -> None:
+        """random_init=False skips `init_weights` (weights about to be loaded, e.g. partitioned at construction)."""
         super().__init__()
         self.seq_shard = seq_shard or SequenceShard()
         if cfg.vocab_size <= 0:
@@ -152,7 +154,8 @@ class Transformer(nn.Module):
                 MTPModule(cfg, cfg.n_layers + k, dispatcher, execution) for k in range(cfg.mtp.depth)
             )
         self.rotary_emb = RotaryEmbedding(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.init_weights()
+        if random_init:
+            self.init_weights()
         use_kernels(self, execution.kernels)
 
     @torch.no_grad()
@@ -167,6 +170,8 @@ class Transformer(nn.Module):
                 continue  # same tensor as embed_tokens, drawn once
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Experts):

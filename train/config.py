@@ -332,6 +332,35 @@ class RunConfig:
 
 
 @dataclass
+class DepthUpscaleConfig:
+    """Depth up-scaling (SOLAR): the new model's layers are these half-open ranges of base layers, concatenated."""
+
+    layers: list[list[int]] | None = None
+    """e.g. [[0, 24], [8, 32]]: 32 base layers -> 48 (layers 8-23 appear twice, 8 dropped at each side of the
+    seam); null = the base's layers as they are."""
+
+    def __post_init__(self) -> None:
+        for r in self.layers or []:
+            if len(r) != 2 or not 0 <= r[0] < r[1]:
+                raise ValueError(f"init.depth_upscale.layers: {list(r)} is not a range [start, end) with start < end")
+
+
+@dataclass
+class InitConfig:
+    """Where a run's weights start: random (default) or an open model's (`from_hf`)."""
+
+    from_hf: str | None = None
+    """A local Hugging Face directory (config.json, safetensors, tokenizer files) of LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or DeepseekV3ForCausalLM: the model config is derived
+    from it (the `model` group's architecture keys are ignored) and its weights are loaded before step 0."""
+    depth_upscale: DepthUpscaleConfig = field(default_factory=DepthUpscaleConfig)
+
+    def __post_init__(self) -> None:
+        if self.depth_upscale.layers and not self.from_hf:
+            raise ValueError("init.depth_upscale.layers needs init.from_hf=HF_DIR (the base whose layers it copies)")
+
+
+@dataclass
 class MoENode(MoEConfig):
     """`model.moe` as written in configs: the architecture, plus keys that moved elsewhere (accepted, with a
     deprecation message; see MOVED_KEYS)."""
@@ -429,6 +458,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelNode):  # from Hydra; moved keys were taken out by move_deprecated_keys

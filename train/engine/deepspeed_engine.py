@@ -81,7 +81,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedCon
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # A parameter built partitioned (zero.Init, init.from_hf under ZeRO-3) is an empty 1-D tensor: its
+            # real shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": optim.weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

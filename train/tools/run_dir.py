@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tokenizer.tokenizer import Tokenizer
+from tokenizer.hf_tokenizer import load_any
 
 
 def run_config(run_dir: str | Path) -> dict:
@@ -21,7 +21,7 @@ def run_tokenizer(run_dir: str | Path, meta: dict):
     """The run's tokenizer, refusing one whose hash differs from what the checkpoint was trained with."""
 
     path = run_config(run_dir)["tokenizer"]["path"]
-    tok = Tokenizer.from_dir(path)
+    tok = load_any(path)
     if tok.sha256 != meta["tokenizer_sha256"]:
         raise ValueError(
             f"tokenizer at {path} (sha256 {tok.sha256[:12]}…) is not the one this run was trained with "

@@ -19,7 +19,7 @@ from model.attention import load_flash_attn
 from model.config import ExecutionConfig, ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer
-from tokenizer.tokenizer import Tokenizer
+from tokenizer.hf_tokenizer import load_any
 from train.callbacks import faults
 from train.callbacks.base import Callback
 from train.callbacks.heartbeat import Heartbeat
@@ -29,12 +29,13 @@ from train.callbacks.monitor import SpeedMonitor
 from train.callbacks.preemption import Preemption, PreemptionHandler
 from train.callbacks.stability import StabilityGuard
 from train.checkpoint.compat import check_compatible, model_meta, needs_universal
+from train.checkpoint.init_from_hf import HFInit, build_from_hf, plan_hf_init
 from train.checkpoint.layout import latest_tag, read_meta, step_of
 from train.checkpoint.manager import Checkpointer
 from train.checkpoint.run_lock import RunLock
 from train.config import PretrainConfig
 from train.engine import distributed, expert_parallel, model_parallel
-from train.engine.deepspeed_engine import Engine, build_engine
+from train.engine.deepspeed_engine import Engine, build_engine, deepspeed_config, resolve_dtype
 from train.engine.distributed import Dist
 from train.engine.optimize import check_fp8, optimize_model
 from train.secrets import redact
@@ -58,6 +59,8 @@ class Plan:
     parallel: ParallelLayout = ParallelLayout(1)
     load_universal: bool = False
     """The checkpoint was saved with another world size or ZeRO stage: load it through DeepSpeed's universal format."""
+    hf_init: HFInit | None = None
+    """init.from_hf: the base model's weights and how they map (used when no checkpoint is resumed)."""
 
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -69,7 +72,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         raise ValueError("set tokenizer.path=DIR: a tokenizer trained by `python -m tokenizer.train`")
     if not cfg.data.path:
         raise ValueError("set data.path=DIR: token shards written by `python -m data_pipeline.prepare`")
-    tok = Tokenizer.from_dir(cfg.tokenizer.path)
+    tok = load_any(cfg.tokenizer.path)
     manifest = read_manifest(cfg.data.path)
     if manifest["tokenizer"]["sha256"] != tok.sha256:
         raise ValueError(
@@ -78,6 +81,13 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             "point tokenizer.path at the one the data was made with"
         )
     model = cfg.model
+    hf_init = None
+    if cfg.init.from_hf:
+        hf_init = plan_hf_init(cfg.init, model, tok, cfg.tokenizer.path)
+        model = hf_init.model
+        if model.moe.enabled and cfg.parallel.ep_size > 1 and cfg.deepspeed.zero_stage == 3:
+            raise ValueError("init.from_hf with parallel.ep_size > 1 under deepspeed.zero_stage=3 is not supported "
+                             "yet: use zero_stage 1-2 with expert parallelism, or ep_size=1")  # fmt: skip
     if model.vocab_size == 0:
         model = dataclasses.replace(model, vocab_size=tok.vocab_size)
     elif model.vocab_size < tok.vocab_size:
@@ -129,7 +139,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
         universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
-    return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal)
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal, hf_init)
 
 
 def lock_run_dir(cfg: PretrainConfig) -> RunLock | None:
@@ -163,15 +173,20 @@ def device_peak_flops(cfg: PretrainConfig, d: Dist) -> float:
 
 
 def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int,
-                sp_size: int = 1):  # fmt: skip
+                sp_size: int = 1, hf_init: HFInit | None = None, ds_config: dict | None = None):  # fmt: skip
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
     its slices of the same experts). With ep_size > 1 this creates the expert groups, with sp_size > 1 the
-    sequence-parallel groups (collectives). Tensor parallelism shards the model later, in deepspeed.initialize."""
+    sequence-parallel groups (collectives). Tensor parallelism shards the model later, in deepspeed.initialize.
+    With hf_init the weights are the base model's instead (ds_config given under ZeRO-3: built partitioned, see
+    train.checkpoint.init_from_hf)."""
     ep_size = ep_size if model.moe.enabled else 1
     sp_group, shard = model_parallel.init_sequence_parallel(sp_size) if sp_size > 1 else (None, None)
     dispatcher = expert_parallel.make_dispatcher(ep_size)
     torch.manual_seed(seed)
-    module = Transformer(model, execution, dispatcher, shard)
+    if hf_init is not None:
+        module = build_from_hf(hf_init, execution, dispatcher, ds_config, shard)
+    else:
+        module = Transformer(model, execution, dispatcher, shard)
     if dispatcher is not None:
         expert_parallel.prepare_model(module, ep_size, zero_stage)
     if sp_group is not None:
@@ -211,8 +226,12 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
     """The engine, the data and every component of the run, registered with a Trainer; returns it and the
     loggers (rank 0) that must be closed at the end. `stop`: the stop-signal handler, when installed earlier."""
     cfg, par = plan.cfg, plan.parallel
+    hf_init = plan.hf_init if plan.resume_tag is None else None  # a resumed run takes its checkpoint's weights
+    ds_config = None
+    if hf_init is not None and cfg.deepspeed.zero_stage == 3:
+        ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan.layout, resolve_dtype(cfg.train, d.device))
     model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage,
-                        par.sp)  # fmt: skip
+                        par.sp, hf_init, ds_config)  # fmt: skip
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
                                            plan.load_universal, par.tp, par.sp)  # fmt: skip
     dp_rank = par.dp_rank(d.rank)
@@ -221,8 +240,8 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
     meta = model_meta(plan.model, plan.tokenizer_sha256, cfg.execution, zero_stage=cfg.deepspeed.zero_stage,
                       world_size=d.world_size, ep_size=cfg.parallel.ep_size if plan.model.moe.enabled else 1,
                       seq_len=cfg.train.seq_len, data_path=str(cfg.data.path), tp_size=par.tp, sp_size=par.sp,
-                      pp_size=par.pp,
-                      tokenizer_path=str(cfg.tokenizer.path))  # fmt: skip
+                      pp_size=par.pp, tokenizer_path=str(cfg.tokenizer.path),
+                      **({"base_model": plan.hf_init.meta} if plan.hf_init else {}))  # fmt: skip
     debug = faults.active(cfg.debug)
     kill_points = faults.KillDuringSave(cfg.debug.kill_during_save_at) if debug else None
     checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint, meta, kill_points)
