@@ -101,6 +101,9 @@ class DataConfig:
     allowed_licenses: list[str] = field(default_factory=list)
     path: str | None = None
     """Directory written by `python -m data_pipeline.prepare` (shards + manifest.json)."""
+    verify_hashes: bool = True
+    """Before training, check every shard's sha256 against manifest.json (sizes are always checked); false for very
+    large data, where every rank reading every shard first costs too much."""
     val_fraction: float = 0.02
     """Share of documents held out for validation, chosen by a hash of source and document index."""
     max_docs_per_source: int | None = None

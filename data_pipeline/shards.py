@@ -93,13 +93,67 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def _check_size(path: Path, shard: dict, dtype: np.dtype) -> None:
+    want = shard["tokens"] * dtype.itemsize
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data shard {path} is missing (its {MANIFEST} lists {shard['tokens']:,} tokens): restore it or re-run "
+            "`python -m data_pipeline.prepare` into that directory"
+        )
+    size = path.stat().st_size
+    if size != want:
+        raise ValueError(
+            f"data shard {path} is damaged: {size:,} bytes, its {MANIFEST} expects {want:,} ({shard['tokens']:,} "
+            f"{dtype.name} tokens); restore it or re-run `python -m data_pipeline.prepare` into that directory"
+        )
+
+
+def check_shards(data_dir: str | Path, manifest: dict, verify_hashes: bool = True) -> None:
+    """Every shard of every split against `manifest.json`: present, of the listed size, and (verify_hashes) of the
+    listed sha256. Raises on the first mismatch with one line naming the file, the expected and the found value."""
+    dtype = np.dtype(manifest["dtype"])
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = Path(data_dir) / shard["file"]
+            _check_size(path, shard, dtype)
+            if verify_hashes and (found := file_sha256(path)) != shard["sha256"]:
+                raise ValueError(
+                    f"data shard {path} is damaged: sha256 {found}, its {MANIFEST} expects {shard['sha256']}; restore "
+                    "it or re-run `python -m data_pipeline.prepare` into that directory"
+                )
+
+
+def changed_shards(before: dict, after: dict, split: str = "train") -> list[str]:
+    """What differs between two manifests' shards of `split`, one entry per file (e.g. "train_00000.bin: 1,077,205
+    -> 250,000 tokens"); empty when the shards are the same."""
+
+    def shards(m: dict) -> dict[str, dict]:
+        return {s["file"]: s for s in m.get("splits", {}).get(split, {}).get("shards", [])}
+
+    old, new = shards(before), shards(after)
+    out = []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        if a is None:
+            out.append(f"{name}: added ({b['tokens']:,} tokens)")
+        elif b is None:
+            out.append(f"{name}: removed (had {a['tokens']:,} tokens)")
+        elif a["tokens"] != b["tokens"]:
+            out.append(f"{name}: {a['tokens']:,} -> {b['tokens']:,} tokens")
+        elif a["sha256"] != b["sha256"]:
+            out.append(f"{name}: same {a['tokens']:,} tokens, other contents (sha256 {a['sha256'][:12]}… -> "
+                       f"{b['sha256'][:12]}…)")  # fmt: skip
+    return out
+
+
 class TokenStream:
     """Read-only view over the concatenated shards of a split, memory-mapped (no copy into RAM)."""
 
     def __init__(self, data_dir: str | Path, shards: list[dict], dtype: str) -> None:
-        self.maps = [
-            np.memmap(Path(data_dir) / s["file"], dtype=np.dtype(dtype), mode="r") for s in shards if s["tokens"]
-        ]
+        shards = [s for s in shards if s["tokens"]]
+        for s in shards:  # a damaged shard is named here, not by numpy's anonymous size error
+            _check_size(Path(data_dir) / s["file"], s, np.dtype(dtype))
+        self.maps = [np.memmap(Path(data_dir) / s["file"], dtype=np.dtype(dtype), mode="r") for s in shards]
         self.offsets = np.cumsum([0] + [len(m) for m in self.maps])
 
     def __len__(self) -> int:

@@ -69,8 +69,11 @@ def build_report(
     held_out: dict[str, list[str]],
     languages: dict[str, str],
     train_seconds: float,
+    rejected: dict[str, Counter] | None = None,
 ) -> dict:
-    """Evaluate the tokenizer in out_dir on held-out text per source and write out_dir/report.json."""
+    """Evaluate the tokenizer in out_dir on held-out text per source and write out_dir/report.json.
+
+    `rejected`: rows skipped per source and reason while reading (`rejected_rows`)."""
     enc = ours(out_dir)
     scores = {name: measure(enc, [normalize(d) for d in docs], speed=False) for name, docs in held_out.items()}
     by_language: dict[str, float] = {}
@@ -82,6 +85,7 @@ def build_report(
         "data": data_name,
         "train_chars_per_source": budgets,
         "train_seconds": round(train_seconds, 1),
+        "rejected_rows": {name: dict(sorted(c.items())) for name, c in (rejected or {}).items()},
         "vocab_size": enc.vocab_size,
         "vocab_share": vocab_share(out_dir / "tokenizer.model"),
         "held_out": scores,

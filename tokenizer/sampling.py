@@ -7,13 +7,14 @@ fixed number of characters per source (a source's share of the vocabulary follow
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
-from data_pipeline.sources import iter_source
+from data_pipeline.sources import Rejected, iter_source
 
 HELD_OUT_EVERY = 20
 """Every 20th document of a training source (by position in the source) is held out for evaluation."""
@@ -53,17 +54,42 @@ def is_held_out(index: int) -> bool:
     return index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 
 
-def source_texts(data: DataConfig, name: str) -> Iterator[tuple[int, str]]:
-    """(document number, text) of one source's non-empty documents, in file order (data.max_docs_per_source)."""
+def rejection(data: DataConfig, doc) -> str | None:
+    """Why a source item is not training text (prepare's reasons: the reader's, `license_not_allowed`, `empty`)."""
+    if isinstance(doc, Rejected):
+        return doc.reason
+    if doc.license is not None and doc.license not in data.allowed_licenses:
+        return "license_not_allowed"
+    if not doc.text.strip():
+        return "empty"
+    return None
+
+
+def source_texts(data: DataConfig, name: str, rejected: Counter | None = None) -> Iterator[tuple[int, str]]:
+    """(document number, text) of one source's usable documents, in file order (data.max_docs_per_source).
+
+    Rows that cannot be used (malformed JSON, invalid UTF-8, no text, license not allowed, empty) are skipped and
+    counted by reason in `rejected`.
+    """
     index = 0
     for doc in iter_source(name, data.sources[name], data.max_docs_per_source):
-        if doc is not None and doc.text.strip():
-            yield index, doc.text
-            index += 1
+        reason = rejection(data, doc)
+        if reason is not None:
+            if rejected is not None:
+                rejected[reason] += 1
+            continue
+        yield index, doc.text
+        index += 1
 
 
-def training_texts(data: DataConfig, split: Split, *, progress: bool = True) -> Iterator[str]:
-    """Each training source's documents (held-out ones skipped) until its budget; the last one is cut to fit."""
+def training_texts(
+    data: DataConfig, split: Split, *, progress: bool = True, rejected: dict[str, Counter] | None = None
+) -> Iterator[str]:
+    """Each training source's documents (held-out ones skipped) until its budget; the last one is cut to fit.
+
+    Rows rejected on the way are counted per source and reason in `rejected` (and shown on the progress bar).
+    """
+    rejected = {} if rejected is None else rejected
     bar = tqdm(
         total=sum(split.budgets.values()),
         unit="char",
@@ -76,9 +102,12 @@ def training_texts(data: DataConfig, split: Split, *, progress: bool = True) -> 
         for name, budget in split.budgets.items():
             bar.set_description(f"sampling {name}")
             left = budget
-            for index, text in source_texts(data, name):
+            counts = rejected.setdefault(name, Counter())
+            for index, text in source_texts(data, name, counts):
                 if is_held_out(index):
                     continue
+                if counts:
+                    bar.set_postfix(rejected=sum(counts.values()), refresh=False)
                 text = text[:left]
                 yield text
                 bar.update(len(text))
@@ -91,14 +120,18 @@ def training_texts(data: DataConfig, split: Split, *, progress: bool = True) -> 
         bar.close()
 
 
-def held_out_texts(data: DataConfig, split: Split, max_chars: int) -> dict[str, list[str]]:
+def held_out_texts(
+    data: DataConfig, split: Split, max_chars: int, rejected: dict[str, Counter] | None = None
+) -> dict[str, list[str]]:
     """Evaluation text per source, up to max_chars each: held-out documents of training sources
-    (key `NAME`), and the start of every held-out source (key `NAME (unseen)`)."""
+    (key `NAME`), and the start of every held-out source (key `NAME (unseen)`, whose rejected rows are counted in
+    `rejected`; a training source's were counted while sampling)."""
     out: dict[str, list[str]] = {}
     for name in list(split.budgets) + split.held_out_sources:
         unseen = name in split.held_out_sources
+        counts = rejected.setdefault(name, Counter()) if unseen and rejected is not None else None
         texts, n = [], 0
-        for index, text in source_texts(data, name):
+        for index, text in source_texts(data, name, counts):
             if unseen or is_held_out(index):
                 texts.append(text[: max_chars - n])
                 n += len(texts[-1])

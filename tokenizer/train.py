@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,11 +207,16 @@ def train_from_data(cfg: TokenizerConfig, data: DataConfig, out_dir: str | Path,
     split = plan(data, cfg.max_chars, cfg.held_out_sources)
     _log(f"character budget per source: {split.budgets}; never trained on: {split.held_out_sources or 'none'}")
     start = time.perf_counter()
-    out = train_tokenizer(training_texts(data, split, progress=progress), cfg, out_dir)
+    rejected: dict[str, Counter] = {}  # per source and reason, as prepare counts them
+    out = train_tokenizer(training_texts(data, split, progress=progress, rejected=rejected), cfg, out_dir)
     seconds = time.perf_counter() - start
-    held_out = held_out_texts(data, split, cfg.eval_max_chars) if cfg.eval_max_chars > 0 else {}
+    held_out = held_out_texts(data, split, cfg.eval_max_chars, rejected) if cfg.eval_max_chars > 0 else {}
     languages = {name: src.language for name, src in data.sources.items()}
-    report = build_report(out, cfg, data.name, split.budgets, held_out, languages, seconds)
+    report = build_report(out, cfg, data.name, split.budgets, held_out, languages, seconds, rejected)
+    for name, counts in rejected.items():
+        if counts:
+            reasons = ", ".join(f"{r}: {n:,}" for r, n in sorted(counts.items()))
+            _log(f"{name}: skipped {sum(counts.values()):,} rejected rows ({reasons})")
     for name, m in report["held_out"].items():
         _log(
             f"held out {name}: {m['chars_per_token']:.3f} chars/token, round trip {'ok' if m['round_trip'] else 'FAIL'}"

@@ -160,10 +160,17 @@ class BalanceConfig:
     """Weight of the complementary sequence-wise balance loss in aux_free mode (DeepSeek-V3: 0.0001)."""
     aux_loss_alpha: float = 1e-2
     """Weight of the sequence-wise balance loss in aux_loss mode."""
+    warn_violation: float = 1.0
+    """Warn (rank 0, naming the layer) when a layer's violation (busiest expert's load / mean load - 1) stays above
+    this for `warn_steps` steps in a row; once per such episode. 0 disables."""
+    warn_steps: int = 20
+    """Consecutive steps above `warn_violation` before the warning."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCES:
             raise ValueError(f"train.moe.balance={self.balance!r}: choose one of {BALANCES}")
+        if self.warn_violation < 0 or self.warn_steps < 1:
+            raise ValueError("train.moe.warn_violation must be >= 0 (0 = off) and train.moe.warn_steps >= 1")
 
     def gamma_at(self, progress: float) -> float:
         """Bias update speed at `progress` = step / max_steps (0 in aux_loss mode)."""

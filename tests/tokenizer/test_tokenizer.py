@@ -285,3 +285,33 @@ def test_entry_point(tmp_path):
     assert "chatbot" not in report["train_chars_per_source"]
     assert all(m["round_trip"] for m in report["held_out"].values())
     assert report["vocab_share"]["hangul"] > 0.3 and abs(report["vocab_share"]["byte"] - 256 / 2048) < 1e-4
+
+
+def test_entry_point_skips_and_counts_broken_rows(tmp_path):
+    """A corpus with malformed JSON, invalid UTF-8 and text-less rows trains (issue 13): each bad row is skipped
+    and counted under prepare's reasons, on the progress output and in report.json."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = (REPO / "data" / "samples" / "kowiki" / "kowiki-sample.jsonl").read_bytes().splitlines()[:200]
+    broken = [b'{"text": "broken', b'{"text": "\xff\xfe bad bytes"}', b'{"title": "no text"}', b"[1, 2]"]
+    # Within the first rows, so sampling reads them all before the character budget is used up.
+    rows = good[:5] + broken[:2] + good[5:10] + broken[2:] + [b"\xc3\x28 not even json"] + good[10:]
+    (corpus / "wiki.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    conf = tmp_path / "conf" / "data"
+    conf.mkdir(parents=True)
+    (conf / "broken.yaml").write_text(
+        f"name: broken\nsources:\n  wiki:\n    paths: ['{corpus}/*.jsonl']\n    license: CC-BY-SA-3.0\n"
+        "allowed_licenses: [CC-BY-SA-3.0]\n"
+    )
+    out = tmp_path / "tok"
+    cmd = [sys.executable, "-m", "tokenizer.train", f"--config-dir={tmp_path / 'conf'}", "tokenizer=ko8k"]
+    cmd += ["data=broken", f"out={out}", "tokenizer.vocab_size=2048", "tokenizer.max_chars=500000"]
+    cmd += ["tokenizer.character_coverage=0.99", "tokenizer.eval_max_chars=20000"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    expected = {"invalid_utf8": 2, "malformed_json": 2, "missing_text": 1}
+    assert "wiki: skipped 5 rejected rows (invalid_utf8: 2, malformed_json: 2, missing_text: 1)" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["rejected_rows"] == {"wiki": expected}
+    assert Tokenizer.from_dir(out).vocab_size == 2048

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipeline.bom import bom_summary
 from data_pipeline.loader import DistributedBatchLoader, PackedSequences
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards import changed_shards, check_shards, read_manifest
 from model import accelerator
 from model.attention import load_flash_attn
 from model.config import ExecutionConfig, ModelConfig
@@ -80,6 +81,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             f"but tokenizer.path={cfg.tokenizer.path} has {tok.sha256[:12]}…: re-run prepare with this tokenizer, or "
             "point tokenizer.path at the one the data was made with"
         )
+    check_shards(cfg.data.path, manifest, cfg.data.verify_hashes)  # a damaged shard never trains silently
     model = cfg.model
     hf_init = None
     if cfg.init.from_hf:
@@ -139,6 +141,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
         universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
+        check_data_unchanged(ckpt_dir / tag, manifest, cfg)
     return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal, hf_init)
 
 
@@ -150,6 +153,32 @@ def lock_run_dir(cfg: PretrainConfig) -> RunLock | None:
     lock = RunLock(cfg.run.dir, cfg.run.lock_stale_s)
     lock.acquire()
     return lock
+
+
+def check_data_unchanged(tag_dir: Path, manifest: dict, cfg: PretrainConfig) -> None:
+    """Resume: compare the training shards with those the checkpoint was trained on (its bom.json). Refuse when the
+    saved data position no longer fits (another number of sequences), naming the shards that changed; warn when
+    only their contents changed (the position fits, but the rest of the epoch is other data)."""
+    bom = tag_dir / "bom.json"
+    if not bom.is_file():  # saved without data.path's manifest: the loader still checks the sequence count
+        return
+    saved = json.loads(bom.read_text())
+    changed = changed_shards(saved, manifest)
+    if not changed:
+        return
+    seq_len = cfg.train.seq_len
+    before = max(0, (saved["splits"]["train"]["tokens"] - 1) // seq_len)
+    now = max(0, (manifest["splits"]["train"]["tokens"] - 1) // seq_len)
+    what = "; ".join(changed)
+    if before != now:
+        raise ValueError(
+            f"checkpoint {tag_dir} saved its data position in {before:,} training sequences of {seq_len} tokens, "
+            f"but data.path={cfg.data.path} now holds {now:,}: changed since that checkpoint: {what}. Resume with the "
+            "data it was trained on, or start a new run.dir"
+        )
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[pretrain] warning: training shards changed since checkpoint {tag_dir.name} ({what}); the data "
+              "position still fits, so training resumes on the new contents", file=sys.stderr)  # fmt: skip
 
 
 def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
