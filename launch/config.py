@@ -46,6 +46,9 @@ class ClusterConfig:
     `cores` (a rank trains with one thread: `train.threads_per_rank=1`)."""
     cores: int = 1
     """Cores per node when shared_compute (each rank gets peak x min(1, cores / ranks on the node))."""
+    load_average: float | None = None
+    """shared_compute: the machine's 1-minute load average while it was calibrated. A plan with `load_average=L`
+    scales the step time by L / this (on a CPU shared with other work each process gets cores / load of it)."""
     fp32: bool = False
     """True on CPU: training runs in fp32 (4 B activations and gradients) and memory is process RSS."""
     efficiency: list[list[float]] = field(
@@ -58,6 +61,8 @@ class ClusterConfig:
     byte of the activations a layer saves for backward, forward + backward, without `execution.compile`."""
     elementwise_passes_compiled: float = 1.5
     """The same with `execution.compile=true` (fused elementwise kernels)."""
+    loss_passes: float | None = None
+    """The same for the loss's (tokens, vocab) logits, softmax and gradient; null = as the layers'."""
     step_overhead_s: float = 0.0
     """Fixed cost per optimizer step (launch overheads, Python, gradient clipping, logging)."""
     source: str = ""
@@ -122,6 +127,15 @@ class PlanConfig:
     with deepspeed.overlap_comm=true, else 0 (DeepSpeed then reduces each bucket synchronously)."""
     ep_overlap: float = 0.0
     """Share of the expert-parallel all-to-alls hidden under compute (0 in this trainer; ~1 with DualPipe)."""
+    comm_sm_share: float = 0.0
+    """Share of each GPU's compute units given to communication kernels that overlap compute (0 here; DeepSeek-V3's
+    DualPipe all-to-all kernels use 20 of an H800's 132 SMs: 0.15)."""
+    recompute_share: float | None = None
+    """Share of the decoder's forward matmuls recomputed in backward; null = from execution.activation_checkpointing
+    (none and this trainer's selective policy 0, full 1). Other frameworks' policies: torchtitan's selective op
+    policy recomputes every other matmul (0.5)."""
+    load_average: float | None = None
+    """CPU clusters shared with other work: the 1-minute load average the run will see (null = the calibration's)."""
     search: bool = False
     """Search the layouts (ZeRO stage, tp, sp, pp, ep, micro-batch, checkpointing, offload) that fit; cheapest first."""
     search_top: int = 10

@@ -1,15 +1,21 @@
 """`python -m launch.fit_efficiency gpu=PRESET_OR_FILE [curve=true] [results=A.jsonl,RUN_DIR,...] [out=FILE.yaml]`:
 refit a cluster's compute model on your own hardware.
 
-- `curve=true` times square matmuls (128 .. 8192, bf16 on a GPU, fp32 with one thread on CPU) on this machine and
-  replaces the cluster's `efficiency` points: [GEMM GFLOP, achieved / peak_tflops_bf16].
+- `curve=true` times square matmuls (128 .. 8192, bf16 on a GPU, fp32 with one thread on CPU, 128 .. 2048) on this
+  machine, median of 5 rounds, and replaces the cluster's `efficiency` points: [GEMM GFLOP, achieved /
+  peak_tflops_bf16].
 - `results=` fits `elementwise_passes` (records without compile), `elementwise_passes_compiled` (with) and, with
-  `fit_overhead=true`, `step_overhead_s`, by least squares on the relative error of the predicted step time. A
+  `fit_loss=true` / `fit_overhead=true` / `fit_scale=true` / `fit_latency=true`, `loss_passes` /
+  `step_overhead_s` / a common scale of the `efficiency` points / the collective latency (intra- and inter-node
+  alike) from the records without compile, by least squares on the relative error of the predicted step time. A
   record is a `train.bench` JSON line (impl hangang; optional keys `vocab_size`, default 32000, and `gpus`, default 1)
   from a .jsonl file, or a `train.pretrain` run directory (its config.yaml and the median step time of steps >= 2;
-  `RUN_DIR@N` for a run of N processes).
+  `RUN_DIR@N` for a run of N processes, `RUN_DIR@N@LOAD` with the machine's load average during it: on a shared
+  CPU (`shared_compute`) the fit normalises each record to the cluster's `load_average`, or sets it to the
+  records' mean load when it is unset).
 
-Prints the fitted cluster as YAML and each record's measured and predicted step time; `out=` writes the YAML.
+Prints the fitted cluster as YAML and each record's measured and predicted step time; `out=` writes the YAML;
+`fit=false` only compares the records with the cluster as it is (a check).
 """
 
 from __future__ import annotations
@@ -52,16 +58,18 @@ def measure_curve(cluster: ClusterConfig, sizes: tuple[int, ...] = (128, 256, 51
             a = torch.randn(n, n, device=device, dtype=dtype)
             b = torch.randn(n, n, device=device, dtype=dtype)
             reps = max(2, int(2e11 / n**3)) if gpu else max(2, int(4e9 / n**3))
-            best = float("inf")
-            for _ in range(3):
+            rounds = []
+            for _ in range(5):
                 synchronize(device)
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     a @ b
                 synchronize(device)
-                best = min(best, (time.perf_counter() - t0) / reps)
+                rounds.append((time.perf_counter() - t0) / reps)
+            # The median round: on a machine shared with other work this is the rate training sees, not the best.
             flop = 2.0 * n**3
-            points.append([round(flop / 1e9, 4), round(min(1.0, flop / best / (cluster.peak_tflops_bf16 * 1e12)), 4)])
+            eff = flop / statistics.median(rounds) / (cluster.peak_tflops_bf16 * 1e12)
+            points.append([round(flop / 1e9, 4), round(min(1.0, eff), 4)])
     finally:
         torch.set_num_threads(threads)
     return points
@@ -80,7 +88,8 @@ def load_records(specs: list[str], cluster_file: str) -> list[tuple[str, PlanCon
     """(label, plan config reproducing the run, measured seconds per step) for each record."""
     out = []
     for spec in specs:
-        path, _, n = spec.partition("@")
+        path, _, rest = spec.partition("@")
+        n, _, load = rest.partition("@")
         p = Path(path)
         if p.is_dir():
             cfg = yaml.safe_load((p / "config.yaml").read_text())
@@ -102,8 +111,9 @@ def load_records(specs: list[str], cluster_file: str) -> list[tuple[str, PlanCon
                 seq_len=t["seq_len"],
                 micro_batch_size=t["micro_batch_size"],
                 global_batch_tokens=t["global_batch_tokens"],
+                load_average=float(load) if load else None,
             )
-            out.append((f"{p.name}@{n or 1}", plan, statistics.median(times)))
+            out.append((f"{p.name}@{n or 1}" + (f" load {load}" if load else ""), plan, statistics.median(times)))
             continue
         if not p.is_file():
             raise ValueError(f"results={spec}: not a file of train.bench JSON lines nor a run directory")
@@ -134,34 +144,77 @@ def load_records(specs: list[str], cluster_file: str) -> list[tuple[str, PlanCon
     return out
 
 
-def _parts(cluster: ClusterConfig, plan: PlanConfig, passes: float, overhead: float) -> float:
-    c = dataclasses.replace(cluster, elementwise_passes=passes, elementwise_passes_compiled=passes, step_overhead_s=overhead)
+def _predict(cluster: ClusterConfig, plan: PlanConfig) -> dict:
     planner = Planner(plan)
-    planner.cluster = c
-    planner.fp32 = c.fp32
-    return planner.evaluate(planner.given_layout())["step_time_s"]
+    planner.cluster = cluster
+    planner.fp32 = cluster.fp32
+    return planner.evaluate(planner.given_layout())
 
 
-def fit(cluster: ClusterConfig, records, fit_overhead: bool) -> ClusterConfig:
-    """Least squares on relative error: t = a + passes x b (+ overhead), one passes per compile setting."""
+def fit(
+    cluster: ClusterConfig,
+    records,
+    fit_overhead: bool,
+    fit_loss: bool = False,
+    fit_scale: bool = False,
+    fit_latency: bool = False,
+):
+    """Least squares on the relative error of t = rest + s x matmul + passes x layers' elementwise
+    (+ loss_passes x the loss's) (+ overhead): `elementwise_passes` (or `_compiled`) per compile setting; the
+    efficiency curve's scale 1/s, `loss_passes` and `step_overhead_s`, when asked, from the records without
+    compile."""
     import numpy as np
 
     fitted = {}
+    scale = 1.0
+    loads = [r[1].load_average for r in records if r[1].load_average]
+    if cluster.shared_compute and loads and not cluster.load_average:
+        cluster = dataclasses.replace(cluster, load_average=round(statistics.mean(loads), 2))
+        fitted["load_average"] = cluster.load_average
     for compiled in (False, True):
         group = [r for r in records if bool(r[1].execution.compile) == compiled]
         if not group:
             continue
+        extra = not compiled
         rows, rhs = [], []
         for _, plan, t in group:
-            a = _parts(cluster, plan, 0.0, 0.0)
-            b = _parts(cluster, plan, 1.0, 0.0) - a
-            rows.append([b / t, 1 / t] if fit_overhead else [b / t])
-            rhs.append(1 - a / t)
-        sol, *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
-        key = "elementwise_passes_compiled" if compiled else "elementwise_passes"
-        fitted[key] = round(max(0.0, float(sol[0])), 3)
-        if fit_overhead and not compiled:
-            fitted["step_overhead_s"] = round(max(0.0, float(sol[1])), 4)
+            base = dataclasses.replace(cluster, elementwise_passes=1.0, elementwise_passes_compiled=1.0,
+                                       loss_passes=0.0 if fit_loss and extra else None, step_overhead_s=0.0)  # fmt: skip
+            if fit_latency and extra:
+                base = dataclasses.replace(base, intra_node_latency_us=0.0, inter_node_latency_us=0.0)
+            p = _predict(base, plan)
+            mm = p["step_parts_s"]["matmul_dense"] + p["step_parts_s"]["matmul_experts"]
+            el = p["step_parts_s"]["elementwise"]
+            rest = p["step_time_s"] - mm - el
+            row = [el / t]
+            if fit_scale and extra:
+                row.append(mm / t)
+            else:
+                rest += mm
+            if fit_loss and extra:
+                only_loss = dataclasses.replace(base, elementwise_passes=0.0, elementwise_passes_compiled=0.0,
+                                                loss_passes=1.0)  # fmt: skip
+                row.append(_predict(only_loss, plan)["step_parts_s"]["elementwise"] / t)
+            if fit_overhead and extra:
+                row.append(1 / t)
+            if fit_latency and extra:  # seconds per microsecond of collective latency
+                lat = dataclasses.replace(base, intra_node_latency_us=1.0, inter_node_latency_us=1.0)
+                row.append((_predict(lat, plan)["step_time_s"] - p["step_time_s"]) / t)
+            rows.append(row)
+            rhs.append(1 - rest / t)
+        sol = [float(x) for x in np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]]
+        fitted["elementwise_passes_compiled" if compiled else "elementwise_passes"] = round(max(0.0, sol.pop(0)), 3)
+        if fit_scale and extra:
+            scale = max(1e-3, sol.pop(0))
+        if fit_loss and extra:
+            fitted["loss_passes"] = round(max(0.0, sol.pop(0)), 3)
+        if fit_overhead and extra:
+            fitted["step_overhead_s"] = round(max(0.0, sol.pop(0)), 4)
+        if fit_latency and extra:
+            latency = round(max(0.0, sol.pop(0)), 1)
+            fitted["intra_node_latency_us"] = fitted["inter_node_latency_us"] = latency
+    if fit_scale:
+        fitted["efficiency"] = [[x, round(min(1.0, y / scale), 4)] for x, y in cluster.efficiency]
     return dataclasses.replace(cluster, **fitted)
 
 
@@ -170,7 +223,7 @@ def main(argv: list[str]) -> None:
     if any("=" not in a for a in argv) or not args.get("gpu"):
         raise ValueError(
             "usage: python -m launch.fit_efficiency gpu=PRESET_OR_FILE [curve=true] [results=A.jsonl,RUN_DIR@N,...] "
-            "[fit_overhead=true] [out=FILE.yaml]"
+            "[fit_loss|fit_overhead|fit_scale|fit_latency=true] [fit=false] [out=FILE.yaml]"
         )
     gpu = args["gpu"]
     cluster = load_cluster(gpu)
@@ -180,11 +233,12 @@ def main(argv: list[str]) -> None:
     specs = [s for s in args.get("results", "").split(",") if s]
     if specs:
         records = load_records(specs, cluster_file)
-        cluster = fit(cluster, records, args.get("fit_overhead") == "true")
+        if args.get("fit", "true") == "true":
+            flags = [args.get(k) == "true" for k in ("fit_overhead", "fit_loss", "fit_scale", "fit_latency")]
+            cluster = fit(cluster, records, *flags)
         for label, plan, t in records:
-            pred = _parts(cluster, plan, cluster.elementwise_passes_compiled if plan.execution.compile
-                          else cluster.elementwise_passes, cluster.step_overhead_s)  # fmt: skip
-            print(f"# {label}: measured {t:.4f} s/step, fitted model {pred:.4f} ({pred / t - 1:+.1%})")
+            pred = _predict(cluster, plan)["step_time_s"]
+            print(f"# {label}: measured {t:.4f} s/step, predicted {pred:.4f} ({pred / t - 1:+.1%})")
     text = yaml.safe_dump(dataclasses.asdict(cluster), sort_keys=False, width=120)
     print(text)
     if args.get("out"):

@@ -6,8 +6,11 @@ Compute per rank (its 1 / world of the step's FLOPs, tensor, sequence and pipeli
 - matmuls: FLOPs / (peak x efficiency(GEMM size)), with the cluster's measured efficiency curve; the dense part
   (projections, dense MLP, shared experts, output head, attention scores) at the size of the MLP's up-projection
   on this rank (2 x tokens per micro-batch / sp x d_model x ffn / tp), routed experts at the size of one local
-  expert's GEMM (tokens x top_k x ep / n_routed_experts rows); fp8 matmuls (execution.fp8) at the fp8 peak;
-  full activation checkpointing recomputes the decoder's forward (+1/3 of its matmul FLOPs);
+  expert's GEMM (tokens x top_k x ep / n_routed_experts rows); with execution.fp8 the decoder's linears at the fp8
+  peak (attention scores and the output head stay bf16);
+  full activation checkpointing recomputes the decoder's forward (+1/3 of its matmul FLOPs; `recompute_share` of
+  the forward's matmuls in general: 0 for this trainer's selective policy, 0.5 for torchtitan's, which recomputes
+  every other matmul);
 - memory-bound operators: `elementwise_passes` x the bytes a layer saves for backward (MoE layers: plus the
   top_k token copies routed to and from the experts; the loss: logits, fp32 softmax and gradient), over memory
   bandwidth (fitted per cluster, without and with `execution.compile`);
@@ -21,7 +24,9 @@ a latency per collective hop; a group whose ranks span nodes runs at the inter-n
   gradients once per step; ZeRO-1 reduce-scatters them once per step and ZeRO-2 after every micro-batch, both
   all-gather the updated weights after the step; ZeRO-3 all-gathers weights in forward and again in backward and
   reduce-scatters gradients, every micro-batch. `comm_overlap` of the gradient reduction and ZeRO-3 gathers hides
-  under backward; the post-step weight all-gather never does;
+  under backward; the post-step weight all-gather never does; ZeRO-3 pays one latency per parameter tensor
+  gathered (DeepSpeed fetches each module's parameters separately); every step adds three small collectives over
+  all ranks (heartbeat barrier, gradient norm, logged loss);
 - tensor parallelism (AutoTP, no sequence-parallel norms): 2 all-reduces of the (tokens, d_model) activations per
   layer in forward and 2 in backward, plus the vocabulary-parallel embedding and loss;
 - Ulysses: 4 all-to-alls (q, k, v, attention output) per layer in forward and 4 in backward;
@@ -128,20 +133,21 @@ def _bw_lat(c: ClusterConfig, g: Group) -> tuple[float, float]:
     return c.inter_node_gbps * 1e9, c.inter_node_latency_us * 1e-6
 
 
-def all_reduce(c: ClusterConfig, g: Group, nbytes: float) -> float:
-    """Ring all-reduce: 2 (n-1)/n x bytes over the bus bandwidth, 2 log2(n) latency hops (NCCL trees/rings)."""
+def all_reduce(c: ClusterConfig, g: Group, nbytes: float, count: int = 1) -> float:
+    """Ring all-reduce: 2 (n-1)/n x bytes over the bus bandwidth, 2 log2(n) latency hops (NCCL trees/rings), for
+    each of `count` collectives sharing the bytes."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     bw, lat = _bw_lat(c, g)
-    return 2 * (g.size - 1) / g.size * nbytes / bw + 2 * math.ceil(math.log2(g.size)) * lat
+    return 2 * (g.size - 1) / g.size * nbytes / bw + count * 2 * math.ceil(math.log2(g.size)) * lat
 
 
-def reduce_scatter(c: ClusterConfig, g: Group, nbytes: float) -> float:
-    """Reduce-scatter (or all-gather) of a buffer of `nbytes`: (n-1)/n x bytes, log2(n) latency hops."""
+def reduce_scatter(c: ClusterConfig, g: Group, nbytes: float, count: int = 1) -> float:
+    """Reduce-scatter (or all-gather) of `nbytes` in `count` collectives: (n-1)/n x bytes, log2(n) hops each."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
     bw, lat = _bw_lat(c, g)
-    return (g.size - 1) / g.size * nbytes / bw + math.ceil(math.log2(g.size)) * lat
+    return (g.size - 1) / g.size * nbytes / bw + count * math.ceil(math.log2(g.size)) * lat
 
 
 all_gather = reduce_scatter
@@ -196,6 +202,9 @@ def step_time(
     fp8: bool = False,
     comm_overlap: float = 0.0,
     ep_overlap: float = 0.0,
+    recompute_share: float | None = None,
+    comm_sm_share: float = 0.0,
+    slowdown: float = 1.0,
 ) -> dict:
     """Predicted seconds per optimizer step of `layout` (see the module docstring), with its parts."""
     L, c = layout, cluster
@@ -207,7 +216,7 @@ def step_time(
     seqs = global_batch_tokens // seq_len
     micro_batches = max(1, seqs // (L.micro_batch_size * dp))  # per pipeline (= gradient accumulation steps)
     tokens_mb = L.micro_batch_size * seq_len / sp  # tokens a rank's layers see per micro-batch
-    peak = rank_peak_flops(c, W)
+    peak = rank_peak_flops(c, W) * (1 - comm_sm_share)  # compute units left to compute while comm kernels run
     peak_mm = peak * c.peak_tflops_fp8 / c.peak_tflops_bf16 if fp8 and c.peak_tflops_fp8 else peak
     layers = cfg.n_layers + cfg.mtp.depth
     d = cfg.d_model
@@ -225,21 +234,27 @@ def step_time(
     f_dense = 6.0 * (n_act - n_routed - n_head)
     f_head = 6.0 * n_head
     f_exp = 6.0 * n_routed
-    recompute = 4 / 3 if L.activation_checkpointing == "full" else 1.0
+    if recompute_share is None:
+        recompute_share = 1.0 if L.activation_checkpointing == "full" else 0.0
+    recompute = 1 + recompute_share / 3  # forward = 1/3 of a layer's training matmul FLOPs
+    recompute_elem = 4 / 3 if L.activation_checkpointing == "full" else 1.0
     tokens_rank = global_batch_tokens / W  # each rank's share of the step's work
     f_width = cfg.moe.ffn_hidden * max(1, cfg.moe.n_shared_experts) if moe else cfg.ffn_hidden
     size_dense = 2 * tokens_mb * d * f_width / tp / 1e9
-    t_dense = tokens_rank * ((f_dense + f_attn) * recompute + f_head) / (peak_mm * efficiency(c, size_dense))
+    eff_dense = efficiency(c, size_dense)
+    # fp8 applies to the decoder's linears; the attention kernel and the output head stay bf16.
+    t_dense = tokens_rank * (f_dense * recompute / peak_mm + (f_attn * recompute + f_head) / peak) / eff_dense
     t_exp = 0.0
     if moe:
         rows = tokens_mb * cfg.moe.top_k * ep / cfg.moe.n_routed_experts
         size_exp = 2 * rows * d * cfg.moe.ffn_hidden / 1e9
         t_exp = tokens_rank * f_exp * recompute / (peak_mm * efficiency(c, size_exp))
     passes = c.elementwise_passes_compiled if compile else c.elementwise_passes
-    saved = sum(_per_layer_saved(cfg, i, tp, act_b) for i in range(layers)) * recompute / pp
+    loss_passes = passes if c.loss_passes is None else c.loss_passes
+    saved = passes * sum(_per_layer_saved(cfg, i, tp, act_b) for i in range(layers)) * recompute_elem / pp
     # The loss: (tokens, vocab) logits, their fp32 softmax and its gradient, on the last stage (spread over pp here).
-    saved += (act_b + 8) * cfg.vocab_size / tp * (1 + cfg.mtp.depth) / pp
-    t_elem = passes * saved * global_batch_tokens / (dp * sp) / (c.memory_bandwidth_gbps * 1e9)
+    saved += loss_passes * (8 if c.fp32 else act_b + 8) * cfg.vocab_size / tp * (1 + cfg.mtp.depth) / pp
+    t_elem = saved * global_batch_tokens / (dp * sp) / (c.memory_bandwidth_gbps * 1e9)
 
     # Parameters this rank holds (before ZeRO sharding): layers split by pp, widths by tp, experts by ep.
     dense_params = (counts["total"] - counts["routed_experts"]) / (tp * pp)
@@ -272,12 +287,15 @@ def step_time(
         reductions = micro_batches if L.zero_stage == 2 else 1
         hidden += reductions * (reduce_scatter(c, g_dp, dense_bytes) + reduce_scatter(c, g_edp, exp_bytes))
         exposed += all_gather(c, g_dp, dense_params * act_b) + all_gather(c, g_edp, expert_params * act_b)
-    else:
-        per_mb = 2 * all_gather(c, g_dp, dense_params * act_b) + reduce_scatter(c, g_dp, dense_bytes)
+    else:  # DeepSpeed gathers each module's parameters on its own (forward, and again in backward)
+        n = max(1, counts.get("tensors", 1) // (tp * pp))
+        per_mb = 2 * all_gather(c, g_dp, dense_params * act_b, n) + reduce_scatter(c, g_dp, dense_bytes)
         per_mb += 2 * all_gather(c, g_edp, expert_params * act_b) + reduce_scatter(c, g_edp, exp_bytes)
         hidden += micro_batches * per_mb
     dp_comm = hidden
     exposed += max(hidden * (1 - comm_overlap), hidden - (2 / 3) * compute)
+    # Small collectives of every step over all ranks: the heartbeat barrier, the gradient norm, the logged loss.
+    exposed += all_reduce(c, Group(W, 1), 8.0, count=3)
 
     # Per micro-batch model-parallel collectives (never overlapped in this trainer).
     act = tokens_mb * d * act_b
@@ -310,23 +328,24 @@ def step_time(
     if pp > 1:  # a stage's per-micro-batch work, (pp - 1) more times
         per_mb = (t_dense + t_exp + t_elem + t_tp + t_sp + t_ep + t_pp) / micro_batches
         bubble = (pp - 1) * per_mb
+    k = slowdown  # a CPU shared with other work: everything runs on this process's share of the cores
     step = compute + comm + bubble
     return {
-        "step_time_s": step,
-        "compute_s": compute,
-        "comm_s": comm,
-        "bubble_s": bubble,
+        "step_time_s": step * k,
+        "compute_s": compute * k,
+        "comm_s": comm * k,
+        "bubble_s": bubble * k,
         "parts_s": {
-            "matmul_dense": t_dense,
-            "matmul_experts": t_exp,
-            "elementwise": t_elem,
-            "optimizer": t_opt,
-            "data_parallel": dp_comm,
-            "data_parallel_exposed": exposed,
-            "tensor_parallel": t_tp,
-            "sequence_parallel": t_sp,
-            "expert_parallel": t_ep,
-            "pipeline_p2p": t_pp,
+            "matmul_dense": t_dense * k,
+            "matmul_experts": t_exp * k,
+            "elementwise": t_elem * k,
+            "optimizer": t_opt * k,
+            "data_parallel": dp_comm * k,
+            "data_parallel_exposed": exposed * k,
+            "tensor_parallel": t_tp * k,
+            "sequence_parallel": t_sp * k,
+            "expert_parallel": t_ep * k,
+            "pipeline_p2p": t_pp * k,
         },
         "micro_batches": micro_batches,
         "peak_flops_per_gpu": peak,

@@ -72,13 +72,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact totals from the model built on the meta device (no memory), split into routed experts and the rest."""
     with torch.device("meta"):  # kernels do not change the parameters, and the planner may run where liger cannot
         model = Transformer(cfg)  # the default ExecutionConfig: pure-PyTorch kernels and loss
-    total = routed = 0
+    total = routed = tensors = 0
     for name, p in model.named_parameters():
         total += p.numel()
+        tensors += 1
         if ".experts." in name or name.endswith(".experts"):
             routed += p.numel()
     embed = cfg.vocab_size * cfg.d_model
-    return {"total": total, "routed_experts": routed, "activated": activated_params(cfg), "embedding": embed}
+    activated = activated_params(cfg)
+    return {"total": total, "routed_experts": routed, "activated": activated, "embedding": embed, "tensors": tensors}
 
 
 def _active_ffn(cfg: ModelConfig, layer: int) -> int:
@@ -201,6 +203,13 @@ class Planner:
         overlap = cfg.comm_overlap
         self.comm_overlap = overlap if overlap is not None else (0.8 if cfg.deepspeed.overlap_comm else 0.0)
 
+    def slowdown(self) -> float:
+        """Step-time factor of a shared CPU at the plan's load average against the cluster's calibration load."""
+        c, load = self.cluster, self.cfg.load_average
+        if not (c.shared_compute and load and c.load_average):
+            return 1.0
+        return load / c.load_average
+
     def activations(self, layout: Layout, mode: str, micro: int = 1) -> float:
         ex = self.cfg.execution
         a = activation_bytes(
@@ -220,7 +229,10 @@ class Planner:
         )
 
     def largest_micro_batch(self, layout: Layout, mode: str) -> int:
-        return max(0, math.floor((self.capacity - sum(self.states(layout).values())) / self.activations(layout, mode)))
+        """Activations grow linearly with the micro-batch (the chunked loss's one chunk does not)."""
+        one, two = self.activations(layout, mode, 1), self.activations(layout, mode, 2)
+        per_seq, fixed = two - one, sum(self.states(layout).values()) + 2 * one - two
+        return max(0, math.floor((self.capacity - fixed) / per_seq))
 
     def evaluate(self, layout: Layout) -> dict:
         """Memory per GPU, step time and its parts, throughput, MFU, GPU-hours and cost of one layout."""
@@ -239,6 +251,9 @@ class Planner:
             fp8=cfg.execution.fp8,
             comm_overlap=self.comm_overlap,
             ep_overlap=cfg.ep_overlap,
+            recompute_share=cfg.recompute_share,
+            comm_sm_share=cfg.comm_sm_share,
+            slowdown=self.slowdown(),
         )
         tps_gpu = cfg.global_batch_tokens / t["step_time_s"] / layout.gpus
         mfu = self.fpt * tps_gpu / rank_peak_flops(c, layout.gpus)
@@ -364,8 +379,8 @@ def plan(cfg: PlanConfig) -> dict:
             "activations_per_micro_batch_selective": act["selective"] / gb,
             "activations_per_micro_batch_checkpointed": act["full"] / gb,
             "micro_batch_size": micro,
-            "total": (fixed + micro * act[mode]) / gb,
-            "total_checkpointed": (fixed + micro * act["full"]) / gb,
+            "total": (fixed + p.activations(layout, mode, micro)) / gb,
+            "total_checkpointed": (fixed + p.activations(layout, "full", micro)) / gb,
             "capacity": p.capacity / gb,
         },
         "largest_micro_batch": {
