@@ -139,7 +139,8 @@ def load_records(specs: list[str], cluster_file: str) -> list[tuple[str, PlanCon
                 micro_batch_size=r["micro_batch_size"],
                 global_batch_tokens=tokens,
             )
-            label = f"{r['model']} mb{r['micro_batch_size']} compile={r.get('compile')} AC={ex.get('activation_checkpointing')}"
+            ac = ex.get("activation_checkpointing")
+            label = f"{r['model']} mb{r['micro_batch_size']} compile={r.get('compile')} AC={ac}"
             out.append((label, plan, tokens / r["tokens_per_s"]))
     return out
 
@@ -178,8 +179,13 @@ def fit(
         extra = not compiled
         rows, rhs = [], []
         for _, plan, t in group:
-            base = dataclasses.replace(cluster, elementwise_passes=1.0, elementwise_passes_compiled=1.0,
-                                       loss_passes=0.0 if fit_loss and extra else None, step_overhead_s=0.0)  # fmt: skip
+            base = dataclasses.replace(
+                cluster,
+                elementwise_passes=1.0,
+                elementwise_passes_compiled=1.0,
+                loss_passes=0.0 if fit_loss and extra else None,
+                step_overhead_s=0.0,
+            )
             if fit_latency and extra:
                 base = dataclasses.replace(base, intra_node_latency_us=0.0, inter_node_latency_us=0.0)
             p = _predict(base, plan)
@@ -192,8 +198,9 @@ def fit(
             else:
                 rest += mm
             if fit_loss and extra:
-                only_loss = dataclasses.replace(base, elementwise_passes=0.0, elementwise_passes_compiled=0.0,
-                                                loss_passes=1.0)  # fmt: skip
+                only_loss = dataclasses.replace(
+                    base, elementwise_passes=0.0, elementwise_passes_compiled=0.0, loss_passes=1.0
+                )
                 row.append(_predict(only_loss, plan)["step_parts_s"]["elementwise"] / t)
             if fit_overhead and extra:
                 row.append(1 / t)

@@ -165,7 +165,6 @@ def state_bytes(
     return states
 
 
-
 def trainer_refusal(model: ModelConfig, layout: Layout, seq_len: int, global_batch_tokens: int) -> str | None:
     """The trainer's own message refusing this layout (None = accepted), from the checks it runs before training:
     train/trainer/parallel.py `ParallelLayout.check`, the batch arithmetic `make_layout`, and build.py's refusal
@@ -323,8 +322,12 @@ class Planner:
                                 for mode in ("none", "selective", "full"):
                                     if mode == "selective" and zero == 3:
                                         continue
-                                    lay = replace(probe, offload_optimizer=off_opt, offload_param=off_par,
-                                                  activation_checkpointing=mode)  # fmt: skip
+                                    lay = replace(
+                                        probe,
+                                        offload_optimizer=off_opt,
+                                        offload_param=off_par,
+                                        activation_checkpointing=mode,
+                                    )
                                     largest = self.largest_micro_batch(lay, mode)
                                     per_dp = seqs // lay.dp if seqs % lay.dp == 0 else 0
                                     for mb in pow2:
@@ -446,13 +449,24 @@ def _layout_args(d: dict) -> dict:
 
 
 def _summary(r: dict) -> dict:
-    keys = ("layout", "memory_gb_per_gpu", "step_time_s", "compute_s", "comm_s", "bubble_s",
-            "tokens_per_s_per_gpu", "mfu", "gpu_hours", "cost_usd")  # fmt: skip
+    keys = (
+        "layout",
+        "memory_gb_per_gpu",
+        "step_time_s",
+        "compute_s",
+        "comm_s",
+        "bubble_s",
+        "tokens_per_s_per_gpu",
+        "mfu",
+        "gpu_hours",
+        "cost_usd",
+    )
     return {k: r[k] for k in keys}
 
 
 def _describe(d: dict) -> str:
-    return Layout(gpus=1, **_layout_args(d)).describe().replace("dp1 ", f"dp{d['dp']} ")
+    lay = Layout(gpus=d["dp"] * d["tp_size"] * d["sp_size"] * d["pp_size"], **_layout_args(d))
+    return lay.describe()
 
 
 def render(cfg: PlanConfig, p: dict) -> str:
@@ -528,7 +542,8 @@ def experiment_yaml(cfg: PlanConfig, p: dict, model_choice: str, command: str) -
         "# @package _global_",
         f"# Written by: {command}",
         f"# Plan ({cfg.gpus} x {c.name}): {_describe(lay)}; {p['memory_gb']['total']:.1f} GB per GPU, step "
-        f"{p['step_time_s']:.2f} s (compute {p['compute_s']:.2f} + comm {p['comm_s']:.2f} + bubble {p['bubble_s']:.2f}),",
+        f"{p['step_time_s']:.2f} s (compute {p['compute_s']:.2f} + comm {p['comm_s']:.2f} + bubble "
+        f"{p['bubble_s']:.2f}),",
         f"# {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU {p['mfu']:.1%}, "
         f"{p['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens, ${p['cost_usd']:,.0f} for "
         f"{p['tokens']:.3g} tokens at ${cfg.price_per_gpu_hour}/GPU-hour.",

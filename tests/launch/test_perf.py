@@ -80,8 +80,9 @@ def test_tensor_sequence_and_expert_parallel_terms():
     # 2 all-reduces per layer forward + 2 backward of the (tokens, d) bf16 activations, + 3 (embedding, loss)
     one = all_reduce(NET, Group(2), tokens * 256 * 2)
     assert t["parts_s"]["tensor_parallel"] == pytest.approx((4 * 4 + 3) * one)
-    full = step_time(dense, counts, Layout(2, tp=2, micro_batch_size=mb, activation_checkpointing="full"), NET, seq,
-                     tokens)  # fmt: skip
+    full = step_time(
+        dense, counts, Layout(2, tp=2, micro_batch_size=mb, activation_checkpointing="full"), NET, seq, tokens
+    )
     assert full["parts_s"]["tensor_parallel"] == pytest.approx((4 * 6 + 3) * one)  # recompute replays forward
     t = step_time(dense, counts, Layout(2, sp=2, micro_batch_size=mb), NET, seq, tokens)
     # Ulysses: q, k, v and the output exchanged forward and backward, for each rank's tokens / sp
@@ -90,16 +91,22 @@ def test_tensor_sequence_and_expert_parallel_terms():
         4 * 2 * all_to_all(NET, Group(2), tokens / 2 * widths * 2)
     )
     moe = ModelConfig(
-        vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=512,
+        vocab_size=1024,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=512,
         moe=MoEConfig(enabled=True, n_routed_experts=8, top_k=2, ffn_hidden=128, first_k_dense=1),
-    )  # fmt: skip
+    )
     t = step_time(moe, param_counts(moe), Layout(4, ep=4, micro_batch_size=mb), NET, seq, tokens * 4)
     # dispatch + combine of tokens x top_k x d, forward and backward, plus the split sizes, per MoE layer (3)
     dispatch = all_to_all(NET, Group(4), tokens * 2 * 256 * 2)
     sizes = all_to_all(NET, Group(4), 8 * 4)
     assert t["parts_s"]["expert_parallel"] == pytest.approx(3 * 2 * (2 * dispatch + sizes))
-    hidden = step_time(moe, param_counts(moe), Layout(4, ep=4, micro_batch_size=mb), NET, seq, tokens * 4,
-                       ep_overlap=1.0)  # fmt: skip
+    hidden = step_time(
+        moe, param_counts(moe), Layout(4, ep=4, micro_batch_size=mb), NET, seq, tokens * 4, ep_overlap=1.0
+    )
     assert hidden["parts_s"]["expert_parallel"] == 0.0
 
 
@@ -110,7 +117,8 @@ def test_zero_stages_communication():
     n = counts["total"]
 
     def dp(stage: int, accum: int = 1) -> float:
-        return step_time(cfg, counts, Layout(8, zero_stage=stage), NET, seq, seq * 8 * accum)["parts_s"]["data_parallel"]
+        t = step_time(cfg, counts, Layout(8, zero_stage=stage), NET, seq, seq * 8 * accum)
+        return t["parts_s"]["data_parallel"]
 
     assert dp(0) == pytest.approx(all_reduce(NET, Group(8), n * 2))
     assert dp(1) == pytest.approx(reduce_scatter(NET, Group(8), n * 2))
@@ -131,8 +139,17 @@ def test_every_cluster_preset_loads():
 
 
 def test_search_lists_accepted_layouts_cheapest_first():
-    cfg = make("model=tiny", "vocab_size=2048", "gpus=4", "gpu=cpu", "seq_len=256", "global_batch_tokens=16384",
-               "tokens=1B", "search=true", "search_top=50")  # fmt: skip
+    cfg = make(
+        "model=tiny",
+        "vocab_size=2048",
+        "gpus=4",
+        "gpu=cpu",
+        "seq_len=256",
+        "global_batch_tokens=16384",
+        "tokens=1B",
+        "search=true",
+        "search_top=50",
+    )
     p = plan(cfg)
     rows = p["search"]
     assert rows and p["layouts_considered"] >= len(rows)
@@ -150,17 +167,36 @@ def test_search_lists_accepted_layouts_cheapest_first():
 
 
 def test_given_layout_refused_by_the_trainer_is_flagged():
-    p = plan(make("model=tiny", "vocab_size=2048", "gpus=4", "gpu=cpu", "seq_len=256", "parallel.tp_size=2",
-                  "deepspeed.zero_stage=0", "micro_batch_size=1", "global_batch_tokens=1024"))  # fmt: skip
+    p = plan(
+        make(
+            "model=tiny",
+            "vocab_size=2048",
+            "gpus=4",
+            "gpu=cpu",
+            "seq_len=256",
+            "parallel.tp_size=2",
+            "deepspeed.zero_stage=0",
+            "micro_batch_size=1",
+            "global_batch_tokens=1024",
+        )
+    )
     assert "zero_stage=0" in p["trainer_refusal"]
 
 
 def test_cli_json_keys_and_out_recipe_composes(tmp_path):
     out = tmp_path / "experiment" / "planned.yaml"
     proc = run_module(
-        "launch.plan", "model=tiny", "vocab_size=2048", "gpus=2", "gpu=cpu", "seq_len=256",
-        "global_batch_tokens=8192", "tokens=100M", "search=true", f"out={out}",
-    )  # fmt: skip
+        "launch.plan",
+        "model=tiny",
+        "vocab_size=2048",
+        "gpus=2",
+        "gpu=cpu",
+        "seq_len=256",
+        "global_batch_tokens=8192",
+        "tokens=100M",
+        "search=true",
+        f"out={out}",
+    )
     p = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_time_s", "comm_s", "bubble_s", "tokens_per_s_per_gpu", "mfu", "gpu_hours", "layout"):
         assert key in p, key
@@ -181,8 +217,9 @@ def test_cli_json_keys_and_out_recipe_composes(tmp_path):
 RECIPES = sorted((CONFIGS / "experiment").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if "Written by: python -m launch.plan" in p.read_text()],
-                         ids=lambda p: p.stem)  # fmt: skip
+@pytest.mark.parametrize(
+    "path", [p for p in RECIPES if "Written by: python -m launch.plan" in p.read_text()], ids=lambda p: p.stem
+)
 def test_planned_recipes_compose_and_match_their_header(path):
     """Each shipped recipe was written by launch.plan: it composes against the train schema, its slurm header
     matches its layout, and the layout is one the trainer accepts."""
