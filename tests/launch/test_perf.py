@@ -183,6 +183,64 @@ def test_given_layout_refused_by_the_trainer_is_flagged():
     assert "zero_stage=0" in p["trainer_refusal"]
 
 
+def test_json_keys_and_out_recipe_compose_in_process(tmp_path):
+    """The plan's JSON keys, and the experiment config `out=` writes composing against the train schema."""
+    from launch.plan import experiment_yaml
+
+    cfg = make(
+        "model=tiny",
+        "vocab_size=2048",
+        "gpus=2",
+        "gpu=cpu",
+        "seq_len=256",
+        "global_batch_tokens=8192",
+        "tokens=100M",
+        "search=true",
+    )
+    p = json.loads(json.dumps(plan(cfg)))  # the CLI's last line
+    for key in ("step_time_s", "comm_s", "bubble_s", "tokens_per_s_per_gpu", "mfu", "gpu_hours", "layout", "search"):
+        assert key in p, key
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "planned.yaml").write_text(experiment_yaml(cfg, p, "tiny", "python -m launch.plan ..."))
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        raw = compose("train", overrides=["experiment=planned", f"hydra.searchpath=[file://{tmp_path}]", "run.dir=x"])
+    train = OmegaConf.to_object(raw)
+    assert train.parallel.tp_size == p["layout"]["tp_size"] and train.deepspeed.zero_stage == p["layout"]["zero_stage"]
+    assert train.train.micro_batch_size == p["layout"]["micro_batch_size"]
+
+
+def test_fit_efficiency_recovers_the_elementwise_traffic(tmp_path):
+    """Records the cluster model itself produced (train.bench lines) are fitted back to its parameters."""
+    import dataclasses
+
+    from launch.fit_efficiency import _predict, fit, load_records
+
+    lines = []
+    for model, mb, comp in (("llama_1b", 2, False), ("llama_1b", 4, False), ("llama_1b", 4, True), ("tiny", 8, True)):
+        lines.append(
+            {
+                "impl": "hangang",
+                "model": model,
+                "seq_len": 1024,
+                "micro_batch_size": mb,
+                "compile": comp,
+                "activation_checkpointing": "none",
+                "loss_impl": "torch",
+                "tokens_per_s": 1.0,
+            }
+        )
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps(r) for r in lines))
+    truth = load_cluster("h100")
+    records = load_records([str(bench)], str(CONFIGS / "cluster" / "h100.yaml"))
+    records = [(label, plan_cfg, _predict(truth, plan_cfg)["step_time_s"]) for label, plan_cfg, _ in records]
+    start = dataclasses.replace(truth, elementwise_passes=1.0, elementwise_passes_compiled=1.0)
+    fitted = fit(start, records, fit_overhead=False)
+    assert fitted.elementwise_passes == pytest.approx(truth.elementwise_passes, rel=1e-3)
+    assert fitted.elementwise_passes_compiled == pytest.approx(truth.elementwise_passes_compiled, rel=1e-3)
+
+
+@pytest.mark.slow  # launches the CLI in a subprocess
 def test_cli_json_keys_and_out_recipe_composes(tmp_path):
     out = tmp_path / "experiment" / "planned.yaml"
     proc = run_module(

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # each test runs launch/slurm.sbatch in a bash subprocess (a few seconds)
 
 RECIPE = "llama_1b_8xh100"  # configs/experiment/, header `# slurm: nodes=1 gpus_per_node=8`
 
