@@ -84,9 +84,10 @@ def test_every_yaml_is_covered():
     top = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert top == covered, top ^ covered
     # Every file below the roots is an option one of the parametrized compose tests picks up (bench_suite's in
-    # tests/train/tools/test_bench_suite.py); a new folder, or a file nested deeper than `names` globs, fails here.
+    # tests/train/tools/test_bench_suite.py, cluster's in tests/launch/test_perf.py); a new folder, or a file nested
+    # deeper than `names` globs, fails here.
     folders = {p.parent.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS}
-    assert folders == {"experiment", *GROUPS, "bench_suite"}, folders
+    assert folders == {"experiment", *GROUPS, "bench_suite", "cluster"}, folders
 
 
 def test_slurm_sweep_launcher_composes():
