@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -288,3 +289,6 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.ds)
+
+    def after_load(self, tag_dir: Path) -> None:
+        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (nothing here)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -229,6 +230,17 @@ class PipelineEngine(Engine):
 
     def forward(self, x, y):
         raise RuntimeError("a pipeline-parallel engine runs whole batches: use train_batch or eval_loss")
+
+    @torch.no_grad()
+    def after_load(self, tag_dir: Path) -> None:
+        """DeepSpeed's pipeline checkpoint has no file for a tied layer (its `layer_NN` files come from the
+        stage's modules, and the tied embedding is reached through a function), and ZeRO copies its restored fp32
+        partitions into the weights only at the next step: take this stage's weights from model.safetensors."""
+        from safetensors import safe_open
+
+        with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
+            for name, p in self._names.items():
+                p.copy_(f.get_tensor(name).to(p))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 weights on rank 0, gathered from the first data-parallel rank of every stage (collective)."""
