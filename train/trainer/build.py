@@ -129,7 +129,9 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             )
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
-        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
+        universal = needs_universal(
+            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp
+        )
     return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal)
 
 
