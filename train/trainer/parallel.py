@@ -126,6 +126,13 @@ class ParallelLayout:
             )
 
     def _check_ep(self, model: ModelConfig, zero_stage: int) -> None:
+        if self.pp > 1:
+            raise ValueError(
+                f"parallel.ep_size={self.ep} with parallel.pp_size={self.pp}: expert parallelism inside pipeline "
+                "stages is not implemented (the expert groups would have to be built per stage, and DeepSpeed's "
+                "pipeline engine checkpoints MoE layers on another path). Use ep_size=1 with pipeline parallelism: "
+                "each stage then holds all experts of its MoE layers"
+            )
         if self.tp > 1:
             raise ValueError(
                 f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp}: tensor-parallel ranks hold the same "

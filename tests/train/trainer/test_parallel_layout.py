@@ -47,6 +47,7 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
         (ParallelLayout(2, pp=2), NANO, 64, 3, "Use\ndeepspeed.zero_stage=1".replace("\n", " ")),
         (ParallelLayout(4, pp=4), NANO, 64, 1, "parallel.pp_size=4 exceeds model.n_layers=2"),
         (ParallelLayout(2, pp=2), NANO, 64, 0, "parallel.pp_size=2 with deepspeed.zero_stage=0"),
+        (ParallelLayout(4, pp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 with parallel.pp_size=2: expert"),
         (ParallelLayout(2, sp=2, ep=4), MOE, 64, 1, "model.moe.ep_size=4 must divide the number of ranks (2)"),
     ],
 )
