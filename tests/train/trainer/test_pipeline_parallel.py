@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.helpers import losses, run_module
 from tests.train.trainer.test_model_parallel import (
@@ -43,7 +45,16 @@ def test_pipeline_2_trains_like_one_rank(runs, model):
     ref = runs(f"base_{name}", 1, model)
     pp = runs(f"pp2_{name}", 2, model, "parallel.pp_size=2")
     assert_same_losses(pp, ref)
-    assert_same_weights(pp, ref)  # model.safetensors: every stage's weights, under the single-rank names
+    if name == "dense":
+        assert_same_weights(pp, ref)  # model.safetensors: every stage's weights, under the single-rank names
+    else:
+        # The tied embedding's gradient is summed over the stages (lookups on the first; head and MTP on the
+        # last) in another order than on one rank. For a row whose terms nearly cancel, Adam's m / (sqrt(v) + eps)
+        # turns that rounding into up to ~lr * 1e-2 (measured 1.6e-5 on one row of 2,048): weights within 1e-4.
+        got, want = (load_file(r / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors") for r in (pp, ref))
+        assert sorted(got) == sorted(want)
+        for key, tensor in want.items():
+            torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-4, msg=key)
     if name == "deepseek":  # the balance loss and the expert loads (MoEBalance's input) crossed the stages
         rows = {r: [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"aux_loss"' in line]
                 for r, run in (("ref", ref), ("pp", pp))}  # fmt: skip
