@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from model.norm import RMSNorm
 from model.output import ModelOutput
 from model.rope import RotaryEmbedding
 
-__all__ = ["MLP", "Block", "ModelOutput", "RMSNorm", "SequenceShard", "Transformer", "num_params"]
+__all__ = ["MLP", "Block", "Context", "ModelOutput", "RMSNorm", "SequenceShard", "Transformer", "num_params"]
 
 IGNORE = -100
 
@@ -38,6 +39,15 @@ class SequenceShard:
     def bounds(self, T: int) -> tuple[int, int]:
         n = T // self.size
         return self.rank * n, (self.rank + 1) * n
+
+
+class Context(NamedTuple):
+    """Per-sequence inputs of every layer (`Transformer.context`)."""
+
+    doc_ids: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: AttnMask | None
 
 
 BlockOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -190,22 +200,26 @@ class Transformer(nn.Module):
         `aux_losses` in `ModelOutput`."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids (B, T) -> `ModelOutput`: logits (B, T, V); with labels (B, T), already shifted so labels[:, t]
-        is the target of position t, ce_loss (the fp32 mean over labels != -100) instead, plus in training mode the
-        MTP losses. MoE models also return expert loads, and in training mode the balance losses."""
+    def context(self, input_ids: torch.Tensor) -> Context:
+        """What every layer needs besides its input, from the whole sequences (B, T): document ids (or None), RoPE
+        cos/sin and the attention mask. Pipeline stages recompute it from the token ids they receive."""
         T = input_ids.size(1)
-        backend = self.execution.attn_backend
         doc_ids = document_ids(input_ids, self.cfg.eos_id) if self.cfg.doc_masking else None  # (B, T)
         if self.cfg.doc_position_reset:
             cos, sin = self.rotary_emb.at(document_positions(doc_ids))  # (B, 1, T, rope_dim) each
         else:
             cos, sin = self.rotary_emb(T)  # (T, rope_dim) each
         # Built once here, shared by every layer (flash_attn's boundaries cost one host sync).
-        mask = build_attn_mask(backend, doc_ids, T, input_ids.device)
-        shard = self.seq_shard
-        if shard.size > 1:  # sequence parallelism: this rank's positions; the mask stays global (see SequenceShard)
-            return self._forward_shard(input_ids, labels, doc_ids, cos, sin, mask)
+        mask = build_attn_mask(self.execution.attn_backend, doc_ids, T, input_ids.device)
+        return Context(doc_ids, cos, sin, mask)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (B, T) -> `ModelOutput`: logits (B, T, V); with labels (B, T), already shifted so labels[:, t]
+        is the target of position t, ce_loss (the fp32 mean over labels != -100) instead, plus in training mode the
+        MTP losses. MoE models also return expert loads, and in training mode the balance losses."""
+        ctx = self.context(input_ids)
+        if self.seq_shard.size > 1:  # sequence parallelism: this rank's positions; the mask stays global
+            return self._forward_shard(input_ids, labels, *ctx)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         loads: list[torch.Tensor] = []
         auxes: list[torch.Tensor] = []
@@ -219,26 +233,8 @@ class Transformer(nn.Module):
             return h
 
         for layer in self.layers:
-            x = run(layer, x, cos, sin, mask)
-        logits = ce_loss = mtp_losses = None
-        if labels is None:
-            logits = self.lm_head(self.norm(x))  # (B, T, V)
-        else:
-            # execution.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
-            ce_loss = self.lm_head(self.norm(x), labels)
-            if self.training and self.cfg.mtp.depth:
-                losses = []
-                h = x
-                for k, module in enumerate(self.mtp, start=1):
-                    # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
-                    # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
-                    mask_k = build_attn_mask(
-                        backend, None if doc_ids is None else doc_ids[:, : T - k], T - k, input_ids.device
-                    )
-                    emb = self.embed_tokens(input_ids[:, k:])
-                    h = run(module, h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
-                    losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
-                mtp_losses = torch.stack(losses)
+            x = run(layer, x, ctx.cos, ctx.sin, ctx.mask)
+        logits, ce_loss, mtp_losses = self.head(x, input_ids, labels, ctx, run)
         return ModelOutput(
             logits=logits,
             ce_loss=ce_loss,
@@ -246,6 +242,34 @@ class Transformer(nn.Module):
             mtp_losses=mtp_losses,
             expert_loads=torch.stack(loads) if loads else None,
         )
+
+    def head(self, x: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None, ctx: Context, run):
+        """The last decoder layer's output x (B, T, d) -> (logits, ce_loss, mtp_losses) as in `ModelOutput`; `run`
+        calls an MTP block and keeps its MoE load and balance loss."""
+        if labels is None:
+            return self.lm_head(self.norm(x)), None, None  # (B, T, V)
+        mtp_losses = None
+        T = input_ids.size(1)
+        # execution.loss_impl decides whether the (B, T, V) logits ever exist (torch) or not (chunked, liger).
+        ce_loss = self.lm_head(self.norm(x), labels)
+        if self.training and self.cfg.mtp.depth:
+            doc_ids, cos, sin = ctx.doc_ids, ctx.cos, ctx.sin
+            losses = []
+            h = x
+            for k, module in enumerate(self.mtp, start=1):
+                # Depth k at position i combines h_i with the embedding of token i+k and predicts token i+k+1.
+                # Position i keeps its own document (and RoPE position) whatever document token i+k is in.
+                mask_k = build_attn_mask(
+                    self.execution.attn_backend,
+                    None if doc_ids is None else doc_ids[:, : T - k],
+                    T - k,
+                    input_ids.device,
+                )
+                emb = self.embed_tokens(input_ids[:, k:])
+                h = run(module, h[:, :-1], emb, cos[..., : T - k, :], sin[..., : T - k, :], mask_k)
+                losses.append(self.lm_head(module.norm(h), labels[:, k:]))  # same loss path as the main head
+            mtp_losses = torch.stack(losses)
+        return None, ce_loss, mtp_losses
 
     def _forward_shard(self, input_ids, labels, doc_ids, cos, sin, mask) -> ModelOutput:
         """`forward` on this rank's shard of whole sequences (sequence parallelism).

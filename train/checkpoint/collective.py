@@ -93,7 +93,8 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     if engine.load_universal_checkpoint():
         ensure_universal(tag_dir)
         load_dir, load_tag = tag_dir, UNIVERSAL
-    with weights_only_loading(tag_dir):
+    # no_grad: a pipeline engine re-broadcasts its tied weights in place while loading.
+    with weights_only_loading(tag_dir), torch.no_grad():
         path, client_state = engine.load_checkpoint(
             str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

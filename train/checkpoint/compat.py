@@ -64,11 +64,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def needs_universal(meta: dict, world_size: int, zero_stage: int, where: Path, tp_size: int = 1) -> bool:
+def needs_universal(
+    meta: dict, world_size: int, zero_stage: int, where: Path, tp_size: int = 1, pp_size: int = 1
+) -> bool:
     """Whether resuming `meta`'s checkpoint with this world size, ZeRO stage and tensor-parallel degree needs
-    DeepSpeed's universal format. (The sequence-parallel degree does not shard parameters, so it never does.)"""
+    DeepSpeed's universal format. (The sequence-parallel degree does not shard parameters, so it never does.)
+    A pipeline-parallel checkpoint (or a pipeline job) resumes only on its own layout."""
     saved = (meta.get("world_size"), meta.get("zero_stage"))
     saved_tp = int(meta.get("tp_size", 1))
+    saved_pp = int(meta.get("pp_size", 1))
+    if (saved_pp > 1 or pp_size > 1) and (saved_pp, *saved, saved_tp) != (pp_size, world_size, zero_stage, tp_size):
+        raise ValueError(
+            f"cannot resume {where} (parallel.pp_size={saved_pp}, {saved[0]} ranks, ZeRO-{saved[1]}) with "
+            f"parallel.pp_size={pp_size} on {world_size} ranks: DeepSpeed's universal conversion (ds_to_universal) "
+            "assumes Megatron-DeepSpeed's pipeline layer files and fails on a PipelineModule checkpoint, so a "
+            f"pipeline layout cannot be resharded. Resume with parallel.pp_size={saved_pp} on {saved[0]} ranks"
+        )
     if saved == (world_size, zero_stage) and saved_tp == tp_size:
         return False
     if saved_tp != tp_size and 0 in (saved[1], zero_stage):

@@ -31,4 +31,6 @@ class Checkpointer:
 
     def load(self, engine, tag: str) -> dict:
         """Collective: restore the engine from checkpoint `tag`; returns the components' state."""
-        return collective.load(engine.ds, self.dir, tag)
+        state = collective.load(engine.ds, self.dir, tag)
+        engine.after_load(self.dir / tag)
+        return state

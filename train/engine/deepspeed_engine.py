@@ -4,6 +4,8 @@ steps. With `train.engine.distributed` and `expert_parallel`, the only modules t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,8 +114,10 @@ def build_engine(
     load_universal: bool = False,
     tp_size: int = 1,
     sp_size: int = 1,
+    pp_size: int = 1,
 ):
-    """Wrap the model with DeepSpeed; returns (DeepSpeed engine, optimizer, scheduler)."""
+    """Wrap the model with DeepSpeed; returns (DeepSpeed engine, optimizer, scheduler). With pp_size > 1 the
+    engine is DeepSpeed's PipelineEngine over this rank's stage of `model` (train/engine/pipeline.py)."""
     import deepspeed
 
     dtype = resolve_dtype(cfg_train, d.device)
@@ -122,6 +126,10 @@ def build_engine(
     if tp_size > 1:
         mpu = init_tensor_parallel(tp_size)
         prepare_tensor_parallel(model)
+    if pp_size > 1:
+        from train.engine.pipeline import build_pipeline
+
+        model = build_pipeline(model, pp_size)  # DeepSpeed takes its process groups (mpu) from the module
     optimizer = build_optimizer(model, optim, ds, d.device)
     schedule = lr_multiplier(
         optim.schedule, optim.warmup_steps, cfg_train.max_steps, optim.min_lr_ratio, optim.decay_fraction
@@ -224,6 +232,19 @@ class Engine:
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
         return self.ds(x, y)
 
+    def train_batch(self, micro: list, loss_fn: Callable[[ModelOutput], torch.Tensor], decide: Callable[[], bool]):
+        """Forward and backward of each micro-batch (x, y) with `loss_fn(output)`, then the optimizer step unless
+        `decide()` (called once, by every rank, after the last backward) vetoes it; returns whether it ran."""
+        device = self.ds.device
+        for i, (x, y) in enumerate(micro):
+            out = self.forward(x.to(device), y.to(device))
+            self.backward(loss_fn(out), last=i == len(micro) - 1)
+        return self.step(veto=decide())
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """This rank's mean CE on one evaluation micro-batch (eval mode, no gradient)."""
+        return self.forward(x, y).ce_loss
+
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch; DeepSpeed accumulates until the `last` one of the step."""
         self.ds.backward(loss)
@@ -270,3 +291,6 @@ class Engine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.ds)
+
+    def after_load(self, tag_dir: Path) -> None:
+        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (nothing here)."""

@@ -39,6 +39,7 @@ from train.engine import distributed, expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine, deepspeed_config, resolve_dtype
 from train.engine.distributed import Dist
 from train.engine.optimize import check_fp8, optimize_model
+from train.engine.pipeline import PipelineEngine
 from train.secrets import redact
 from train.trainer.layout import BatchLayout, make_layout
 from train.trainer.objective import Objective
@@ -140,7 +141,9 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             )
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
-        universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp)
+        universal = needs_universal(
+            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp
+        )
         check_data_unchanged(ckpt_dir / tag, manifest, cfg)
     return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal, hf_init)
 
@@ -262,9 +265,12 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
     model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage,
                         par.sp, hf_init, ds_config)  # fmt: skip
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
-                                           plan.load_universal, par.tp, par.sp)  # fmt: skip
+                                           plan.load_universal, par.tp, par.sp, par.pp)  # fmt: skip
     dp_rank = par.dp_rank(d.rank)
-    engine = Engine(ds_engine, scheduler, cfg.deepspeed.zero_stage, dp_rank, par.dp, par.sp)
+    if par.pp > 1:
+        engine = PipelineEngine(ds_engine, scheduler, cfg.deepspeed.zero_stage, dp_rank, par.dp, model)
+    else:
+        engine = Engine(ds_engine, scheduler, cfg.deepspeed.zero_stage, dp_rank, par.dp, par.sp)
     loader, val, val_sources = build_data(plan, dp_rank, par.dp)
     meta = model_meta(plan.model, plan.tokenizer_sha256, cfg.execution, zero_stage=cfg.deepspeed.zero_stage,
                       world_size=d.world_size, ep_size=cfg.parallel.ep_size if plan.model.moe.enabled else 1,
@@ -303,7 +309,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
                                  cfg.run.name, rewound_to=resume_step if metrics.dropped else None))  # fmt: skip
         if cfg.logging.progress:
             loggers.append(Progress(cfg.train.max_steps, 0))
-    objective = Objective(cfg.train.moe, cfg.train.mtp, d.device, par.sp)
+    objective = Objective(cfg.train.moe, cfg.train.mtp, d.device, par.sp, pipeline=par.pp > 1)
     trainer = Trainer(cfg.train, cfg.logging.log_every, d, engine, loader, objective, checkpointer,
                       components + loggers)  # fmt: skip
     trainer.monitor, trainer.validator = monitor, validator

@@ -11,12 +11,15 @@ import torch
 
 from model.output import ModelOutput
 from train.config import BalanceConfig, MTPWeightConfig
-from train.engine.distributed import all_reduce_mean, all_reduce_sum_tensor
+from train.engine.distributed import all_gather_object, all_reduce_mean, all_reduce_sum_tensor
 
 
 class Objective:
-    def __init__(self, balance: BalanceConfig, mtp: MTPWeightConfig, device: torch.device, seq_shards: int = 1) -> None:
+    def __init__(self, balance: BalanceConfig, mtp: MTPWeightConfig, device: torch.device, seq_shards: int = 1,
+                 pipeline: bool = False) -> None:  # fmt: skip
         self.balance, self.mtp, self.device = balance, mtp, device
+        # Pipeline parallelism: only the last stage sees the model's output; `finish` gathers its figures.
+        self.pipeline = pipeline
         # Sequence parallelism: CE and MTP losses are shares of the sequence's mean (they add up over its
         # seq_shards ranks), and gradients are averaged over those ranks too: scaling by seq_shards gives the mean.
         self.seq_shards = seq_shards
@@ -59,8 +62,20 @@ class Objective:
 
     def finish(self) -> tuple[float, dict[str, float], torch.Tensor | None]:
         """After the last micro-batch: (mean CE loss, other mean loss terms, expert loads summed), all over ranks."""
+        if self.pipeline:
+            return self._finish_pipeline()
         keys = ["loss", *sorted(k for k in self.sums if k != "loss")]
         means = all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.n, self.device)
         loads = all_reduce_sum_tensor(self.loads) if self.loads is not None else None
         values = dict(zip(keys, means, strict=True))
+        return values.pop("loss"), values, loads
+
+    def _finish_pipeline(self) -> tuple[float, dict[str, float], torch.Tensor | None]:
+        """`finish` under pipeline parallelism: the means over the last stages (one per data-parallel rank) and
+        their expert loads summed, gathered by every rank (small: a few floats and one (layers, E) tensor)."""
+        mine = (self.n, {k: float(v) for k, v in self.sums.items()}, None if self.loads is None else self.loads.cpu())
+        shares = [s for s in all_gather_object(mine) if s[0]]
+        keys = ["loss", *sorted(k for k in shares[0][1] if k != "loss")]
+        values = {k: sum(s[1][k] / s[0] for s in shares) / len(shares) for k in keys}
+        loads = None if shares[0][2] is None else sum(s[2] for s in shares).to(self.device)
         return values.pop("loss"), values, loads

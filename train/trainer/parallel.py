@@ -108,24 +108,31 @@ class ParallelLayout:
 
     def _check_pp(self, model: ModelConfig, zero_stage: int) -> None:
         pp = self.pp
-        if zero_stage >= 2:
+        if zero_stage != 1:
             raise ValueError(
-                f"parallel.pp_size={pp} with deepspeed.zero_stage={zero_stage}: DeepSpeed refuses ZeRO-2 and ZeRO-3 "
-                "with pipeline parallelism (gradients are reduced once per batch, not per micro-batch). Use "
-                "deepspeed.zero_stage=1 (or 0)"
+                f"parallel.pp_size={pp} with deepspeed.zero_stage={zero_stage}: "
+                + (
+                    "DeepSpeed refuses ZeRO-2 and ZeRO-3 with pipeline parallelism (gradients are reduced once per "
+                    "batch, not per micro-batch)"
+                    if zero_stage >= 2
+                    else "without ZeRO the gradient norm and the non-finite check would be each stage's own"
+                )
+                + ". Use deepspeed.zero_stage=1"
             )
         if model.n_layers < pp:
             raise ValueError(
                 f"parallel.pp_size={pp} exceeds model.n_layers={model.n_layers}: every stage needs at least one "
                 "decoder layer. Use pp_size <= n_layers"
             )
-        raise ValueError(
-            f"parallel.pp_size={pp}: pipeline parallelism (DeepSpeed PipelineModule + train_batch) is not "
-            "implemented in this version of Hangang. Use parallel.pp_size=1; to fit a larger model use "
-            "parallel.tp_size, deepspeed.zero_stage=3 or expert parallelism"
-        )
 
     def _check_ep(self, model: ModelConfig, zero_stage: int) -> None:
+        if self.pp > 1:
+            raise ValueError(
+                f"parallel.ep_size={self.ep} with parallel.pp_size={self.pp}: expert parallelism inside pipeline "
+                "stages is not implemented (the expert groups would have to be built per stage, and DeepSpeed's "
+                "pipeline engine checkpoints MoE layers on another path). Use ep_size=1 with pipeline parallelism: "
+                "each stage then holds all experts of its MoE layers"
+            )
         if self.tp > 1:
             raise ValueError(
                 f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp}: tensor-parallel ranks hold the same "

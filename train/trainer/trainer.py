@@ -68,12 +68,15 @@ class Trainer:
         micro = self.loader.next_step()
         lr = self.engine.lr
         self.objective.begin(self.step / self.cfg.max_steps)
-        for i, (x, y) in enumerate(micro):
-            out = self.engine.forward(x.to(self.d.device), y.to(self.d.device))
-            self.engine.backward(self.objective.loss(out), last=i == len(micro) - 1)
-        loss, parts, loads = self.objective.finish()  # every rank sees the same values, so decides alike
-        verdict = self.callbacks.veto_update(loss)
-        applied = self.engine.step(veto=verdict is not None)
+        decided: list = []
+
+        def decide() -> bool:  # after the last backward, before the update; every rank sees the same values
+            loss, parts, loads = self.objective.finish()
+            decided[:] = [loss, parts, loads, self.callbacks.veto_update(loss)]
+            return decided[3] is not None
+
+        applied = self.engine.train_batch(micro, self.objective.loss, decide)
+        loss, parts, loads, verdict = decided
         if verdict is None and not applied:  # DeepSpeed's overflow check or the engine's: non-finite gradients
             verdict = "nonfinite"
         self.step += 1

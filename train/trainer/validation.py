@@ -41,8 +41,9 @@ class Validator(Callback):
         per_rank = min(len(data), sequences) // dp_size  # equal work on every rank (ZeRO-3 collectives)
         total, count = 0.0, 0
         for x, y in iter_eval_batches(data, self.cfg.micro_batch_size, per_rank * dp_size, dp_rank, dp_size):
-            loss = engine.forward(x.to(d.device), y.to(d.device)).ce_loss
-            # Every rank of a group adds the batch: sequence-parallel ranks their shares (x shards = their mean).
+            loss = engine.eval_loss(x.to(d.device), y.to(d.device))
+            # Every rank of a group adds the batch: sequence-parallel ranks their shares (x shards = their mean);
+            # pipeline stages all hold their pipelines' mean.
             total += loss.item() * y.numel() * engine.seq_shards
             count += y.numel()
         total, count = all_reduce_sum([total, count], d.device)

@@ -69,3 +69,15 @@ def test_a_tensor_parallel_change_goes_through_the_universal_checkpoint():
     assert not needs_universal({"world_size": 2, "zero_stage": 1}, 2, 1, Path("ckpt"))  # sp shards no parameter
     with pytest.raises(ValueError, match="parallel.tp_size=2"):
         needs_universal({**saved, "zero_stage": 0}, 2, 0, Path("ckpt"), tp_size=1)
+
+
+def test_a_pipeline_checkpoint_resumes_only_on_its_own_layout():
+    saved = {"world_size": 2, "zero_stage": 1, "pp_size": 2}
+    assert not needs_universal(saved, 2, 1, Path("ckpt"), pp_size=2)
+    for world, pp in ((1, 1), (2, 1), (4, 2)):
+        with pytest.raises(
+            ValueError, match="a pipeline layout cannot be resharded. Resume with parallel.pp_size=2 on 2"
+        ):
+            needs_universal(saved, world, 1, Path("ckpt"), pp_size=pp)
+    with pytest.raises(ValueError, match="with parallel.pp_size=2 on 2 ranks"):
+        needs_universal({"world_size": 1, "zero_stage": 1}, 2, 1, Path("ckpt"), pp_size=2)

@@ -152,3 +152,19 @@ def test_export_writes_the_same_model_whatever_the_layout(runs, tmp_path):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_16k_token_sequence_trains_with_sequence_parallel_2(tiny_tokenizer, tiny_data, tmp_path):
+    """Long context: one 16,384-token sequence per step, split over 2 ranks, trains like one rank (2 steps)."""
+    long = ("model=nano", "model.max_seq_len=16384", "train.seq_len=16384", "train.global_batch_tokens=16384",
+            "train.micro_batch_size=1", "train.max_steps=2", "train.eval_every=0",
+            "deepspeed.zero_stage=1")  # fmt: skip
+    out = {}
+    for name, nproc, extra in (("ref", 1, ()), ("sp2", 2, ("parallel.sp_size=2",))):
+        out[name] = tmp_path / name
+        launch(nproc, [*args(tiny_tokenizer, tiny_data, out[name], ()), *long, *extra])
+    got, want = losses(out["sp2"]), losses(out["ref"])
+    assert sorted(got) == [1, 2]
+    for step, value in want.items():
+        assert math.isclose(got[step], value, rel_tol=1e-5), (step, got[step], value)

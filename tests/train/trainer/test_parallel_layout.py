@@ -17,7 +17,12 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
     assert ParallelLayout(8, sp=4).dp == 2
     assert ParallelLayout(4, tp=2).dp_rank(3) == 1 and ParallelLayout(4, tp=2).dp_rank(1) == 0  # tp groups [0,1],[2,3]
     assert [ParallelLayout(4, pp=2).dp_rank(r) for r in range(4)] == [0, 1, 0, 1]  # stage-major, as DeepSpeed's
-    for layout in (ParallelLayout(4, tp=2), ParallelLayout(2, sp=2), ParallelLayout(4, sp=2, ep=2)):
+    for layout in (
+        ParallelLayout(4, tp=2),
+        ParallelLayout(2, sp=2),
+        ParallelLayout(4, sp=2, ep=2),
+        ParallelLayout(2, pp=2),
+    ):
         layout.check(MOE if layout.ep > 1 else NANO, 64, 1)
 
 
@@ -41,7 +46,8 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
         (ParallelLayout(2, pp=2), NANO, 64, 2, "DeepSpeed refuses ZeRO-2 and ZeRO-3 with pipeline"),
         (ParallelLayout(2, pp=2), NANO, 64, 3, "Use\ndeepspeed.zero_stage=1".replace("\n", " ")),
         (ParallelLayout(4, pp=4), NANO, 64, 1, "parallel.pp_size=4 exceeds model.n_layers=2"),
-        (ParallelLayout(2, pp=2), NANO, 64, 1, "pipeline parallelism (DeepSpeed PipelineModule + train_batch) is not"),
+        (ParallelLayout(2, pp=2), NANO, 64, 0, "parallel.pp_size=2 with deepspeed.zero_stage=0"),
+        (ParallelLayout(4, pp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 with parallel.pp_size=2: expert"),
         (ParallelLayout(2, sp=2, ep=4), MOE, 64, 1, "model.moe.ep_size=4 must divide the number of ranks (2)"),
     ],
 )
