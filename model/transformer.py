@@ -121,6 +121,23 @@ class MTPModule(nn.Module):
         return self.block(self.eh_proj(torch.cat((self.hnorm(h), self.enorm(emb)), dim=-1)), cos, sin, mask)
 
 
+class BlockRunner:
+    """Calls decoder and MTP blocks and keeps what their MoE layers report, in call order: routed-token loads and
+    balance losses (the rows of `ModelOutput.expert_loads` / `aux_losses`)."""
+
+    def __init__(self) -> None:
+        self.loads: list[torch.Tensor] = []
+        self.auxes: list[torch.Tensor] = []
+
+    def __call__(self, block: nn.Module, *args: object) -> torch.Tensor:
+        h, load, aux = block(*args)
+        if load is not None:
+            self.loads.append(load)
+        if aux is not None:
+            self.auxes.append(aux)
+        return h
+
+
 class Transformer(nn.Module):
     """Decoder-only language model. HF names: prefix `model.` to everything except `lm_head` (and `mtp`).
 
@@ -221,17 +238,8 @@ class Transformer(nn.Module):
         if self.seq_shard.size > 1:  # sequence parallelism: this rank's positions; the mask stays global
             return self._forward_shard(input_ids, labels, *ctx)
         x = self.embed_tokens(input_ids)  # (B, T, d)
-        loads: list[torch.Tensor] = []
-        auxes: list[torch.Tensor] = []
-
-        def run(block: nn.Module, *args: object) -> torch.Tensor:
-            h, load, aux = block(*args)
-            if load is not None:
-                loads.append(load)
-            if aux is not None:
-                auxes.append(aux)
-            return h
-
+        run = BlockRunner()
+        loads, auxes = run.loads, run.auxes
         for layer in self.layers:
             x = run(layer, x, ctx.cos, ctx.sin, ctx.mask)
         logits, ce_loss, mtp_losses = self.head(x, input_ids, labels, ctx, run)
@@ -282,17 +290,8 @@ class Transformer(nn.Module):
         s, e = self.seq_shard.bounds(T)
         cos, sin = cos[..., s:e, :], sin[..., s:e, :]
         x = self.embed_tokens(input_ids[:, s:e])  # (B, T / size, d)
-        loads: list[torch.Tensor] = []
-        auxes: list[torch.Tensor] = []
-
-        def run(block: nn.Module, *args: object) -> torch.Tensor:
-            h, load, aux = block(*args)
-            if load is not None:
-                loads.append(load)
-            if aux is not None:
-                auxes.append(aux)
-            return h
-
+        run = BlockRunner()
+        loads, auxes = run.loads, run.auxes
         for layer in self.layers:
             x = run(layer, x, cos, sin, mask)
         logits = ce_loss = mtp_losses = None

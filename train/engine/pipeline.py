@@ -29,7 +29,7 @@ from torch import nn
 
 from model.moe import MoE
 from model.output import ModelOutput
-from model.transformer import Transformer
+from model.transformer import BlockRunner, Transformer
 from train.engine.deepspeed_engine import Engine
 
 
@@ -133,17 +133,8 @@ class PipeHead(nn.Module):
         model = shared.model
         model.training = self.training  # Transformer.head reads its own flag; its submodules follow the stage's
         x, ids, aux, loads = shared.unpack(inputs)
-        more_loads: list[torch.Tensor] = []
-        more_aux: list[torch.Tensor] = []
-
-        def run(block: nn.Module, *args: object) -> torch.Tensor:
-            h, load, a = block(*args)
-            if load is not None:
-                more_loads.append(load)
-            if a is not None:
-                more_aux.append(a)
-            return h
-
+        run = BlockRunner()
+        more_loads, more_aux = run.loads, run.auxes
         _, ce_loss, mtp_losses = model.head(x, ids, labels, shared.context(ids), run)
         if not shared.n_moe:
             return ModelOutput(ce_loss=ce_loss, mtp_losses=mtp_losses)
