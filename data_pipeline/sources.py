@@ -74,16 +74,23 @@ def _template_fields(template: str) -> list[str]:
 
 
 def _render(template: str, fields: list[str], row: dict) -> str | None:
+    """The document's text, None when a field is missing, NOT_STRING when one is not a string (a JSON number or
+    list in the text field is not text: it is rejected as `text_not_string`, not stringified)."""
     if len(fields) == 1 and template == "{" + fields[0] + "}" or not fields:
         key = fields[0] if fields else template
         value = row.get(key)
-        return None if value is None else str(value)
+        return None if value is None else value if isinstance(value, str) else NOT_STRING
     values = {}
     for f in fields:
         if row.get(f) is None:
             return None
-        values[f] = str(row[f])
+        if not isinstance(row[f], str):
+            return NOT_STRING
+        values[f] = row[f]
     return template.format(**values)
+
+
+NOT_STRING = "\0not a string"  # a sentinel no reader can produce: cleaning removes NUL, so no text starts with it
 
 
 @dataclass(frozen=True)
@@ -180,8 +187,8 @@ def iter_file_docs(
             yield row
             continue
         text = _render(template, fields, row)
-        if text is None:
-            yield Rejected("missing_text")
+        if text is None or text is NOT_STRING:
+            yield Rejected("missing_text" if text is None else "text_not_string")
             continue
         lic = row.get(src.license_field) if src.license_field else None
         yield Document(name, file_index, row_index, text, str(lic) if lic else None)
