@@ -104,7 +104,7 @@ def _fault(ctx: Context, stage: str, key: str) -> None:
     lost node or an OOM kill would, in the middle of the stage (after a partial, unpublished write)."""
     want = os.environ.get("HANGANG_PREPARE_KILL")
     if want == f"{stage}:{key}":
-        marker = Path(ctx.out) / f".killed-{stage}-{key}"
+        marker = Path(ctx.out) / f".killed-{stage}-{key}.marker"
         if not marker.exists():
             marker.touch()
             os.kill(os.getpid(), 9)
