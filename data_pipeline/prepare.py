@@ -33,7 +33,7 @@ from data_pipeline.config import DataConfig, PrepareRoot
 from data_pipeline.engine import make_engine
 from data_pipeline.global_pass import NOT_IN_MANIFEST, Context, finish, is_validation
 from data_pipeline.shards import MANIFEST, token_dtype
-from data_pipeline.sources import check_licenses, resolve_files
+from data_pipeline.sources import check_licenses, input_stat, resolve_files
 from data_pipeline.text_tokenizer import TextTokenizer, load_tokenizer
 from data_pipeline.work import Task, fingerprint, process_file, result_is_current
 
@@ -64,7 +64,7 @@ def _workers(data: DataConfig) -> int:
 def run_work(data: DataConfig, tok: TextTokenizer, tasks: list[Task], dtype, work: Path, log=print, engine=None) -> int:
     """Phase 1 for the given tasks, skipping results already current; returns how many files were processed."""
     todo = [t for t in tasks if not result_is_current(work, t, fingerprint(data, tok.sha256, t))]
-    todo.sort(key=lambda t: -os.path.getsize(t.path))  # biggest first, so that a large file does not start last
+    todo.sort(key=lambda t: -input_stat(t.path)[0])  # biggest first, so that a large file does not start last
     ctx = Context(data, tok, dtype.name, str(work.parent), "")
     own = engine is None
     engine = engine or make_engine(data.engine, data.ray_address, _workers(data))

@@ -29,7 +29,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.dedup import band_run, exact_key, exact_run, lsh_params, permutations, signature
 from data_pipeline.pii import PLACEHOLDERS, scrub
 from data_pipeline.shards import file_sha256
-from data_pipeline.sources import Document, iter_file_docs
+from data_pipeline.sources import Document, input_stat, iter_file_docs, open_input
 from data_pipeline.text_tokenizer import TextTokenizer
 
 WORK_FORMAT = "hangang-work-v2"
@@ -53,11 +53,11 @@ class Task:
 
 def fingerprint(data: DataConfig, tok_sha256: str, task: Task) -> str:
     """Hash of every input of a file's result: the file's identity, its source config, filters, dedup, tokenizer."""
-    st = os.stat(task.path)
+    size, changed = input_stat(task.path)
     parts = {
         "format": WORK_FORMAT,
         "task": asdict(task),
-        "file": [st.st_size, st.st_mtime_ns],
+        "file": [size, changed],
         "source": asdict(data.sources[task.source]),
         "filters": asdict(data.source_filters(task.source)),
         "dedup": asdict(data.dedup),
@@ -106,7 +106,7 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
                 text_fh.write(json.dumps({"id": doc.doc_id, "text": text}, ensure_ascii=False) + "\n")
         batch.clear()
 
-    for item in iter_file_docs(task.source, src, task.file_index, Path(task.path), data.max_docs_per_source):
+    for item in iter_file_docs(task.source, src, task.file_index, task.path, data.max_docs_per_source):
         if not isinstance(item, Document):
             reject(item.reason)
             continue
@@ -176,8 +176,8 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
     meta = {
         "fingerprint": fingerprint(data, tok.sha256, task),
         "task": asdict(task),
-        "sha256": file_sha256(task.path),
-        "bytes": os.path.getsize(task.path),
+        "sha256": file_sha256(open_input(task.path)),
+        "bytes": input_stat(task.path)[0],
         "reasons": reasons,
         "licenses": licenses,
         "docs_in": len(status),

@@ -345,3 +345,26 @@ def stop_ray_started_in(tmp: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(list(procs.values()), timeout=30)
+
+
+def test_fsspec_inputs_give_the_local_bytes(planted_dups, tiny_tokenizer, tmp_path):
+    """Sources given as fsspec URLs (memory:// as a stand-in for s3:// or hf://, and file://) are streamed through
+    fsspec and give the same output as the local paths."""
+    import fsspec
+
+    tok = Tokenizer.from_dir(tiny_tokenizer)
+    planted_dups.write_text = False
+    prepare(planted_dups, tok, "tok", tmp_path / "local", log=quiet)
+    mem = fsspec.filesystem("memory")
+    for name, src in planted_dups.sources.items():
+        for path in resolve_files(name, src):
+            mem.pipe(f"/i16/{name}/{Path(path).name}", Path(path).read_bytes())
+    remote = DataConfig(**{**planted_dups.__dict__})
+    remote.sources = {
+        "news": SourceConfig(paths=["memory:///i16/news/*.jsonl"], license="CC0-1.0"),
+        "blog": SourceConfig(paths=[f"file://{planted_dups.sources['blog'].paths[0]}"], license="CC0-1.0"),
+    }
+    m = prepare(remote, tok, "tok", tmp_path / "remote", log=quiet)
+    assert m["sources"]["news"]["files"][0]["path"].startswith("memory://")
+    local, far = output_hashes(tmp_path / "local"), output_hashes(tmp_path / "remote")
+    assert {k: v for k, v in far.items() if k != MANIFEST} == {k: v for k, v in local.items() if k != MANIFEST}
