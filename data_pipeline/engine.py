@@ -81,7 +81,15 @@ class RayEngine:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, object_store_memory=100 << 20, **kwargs)
+                kwargs.update(num_cpus=workers or os.cpu_count() or 1, object_store_memory=100 << 20)
+                for attempt in range(3):
+                    try:
+                        ray.init(**kwargs)
+                        break
+                    except Exception as err:  # Ray gives a starting raylet 30 s, too few on an overloaded machine
+                        if "timed out during startup" not in str(err) or attempt == 2:
+                            raise
+                        ray.shutdown()
         self.remote = {}
 
     def map(self, fn, args: list, ctx, *, log=print, name: str = "") -> list:
