@@ -365,14 +365,15 @@ def shard_task(ctx: Context, spec: dict) -> dict:
 
 def shard_specs(prefix: str, files: list[tuple[str, int]], total: int, shard_tokens: int, val: bool) -> list[dict]:
     """Specs of the shards of one stream: files (stem, tokens), each shard `shard_tokens` long but the last."""
-    starts, pos = [], 0
-    for stem, n in files:
-        starts.append((stem, pos, pos + n))
-        pos += n
+    ends = np.cumsum([n for _, n in files], dtype=np.int64)
     specs = []
     for i in range(-(-total // shard_tokens)):
         a, b = i * shard_tokens, min(total, (i + 1) * shard_tokens)
-        over = [(stem, s) for stem, s, e in starts if e > a and s < b]
+        over, j = [], int(np.searchsorted(ends, a, side="right"))  # the first file ending after a
+        while j < len(files) and ends[j] - files[j][1] < b:
+            if files[j][1]:
+                over.append((files[j][0], int(ends[j] - files[j][1])))
+            j += 1
         specs.append({"name": f"{prefix}_{i:05d}.bin", "start": a, "end": b, "files": over, "val": val})
     return specs
 
