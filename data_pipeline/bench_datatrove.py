@@ -4,7 +4,8 @@ MinHash pipeline on the same documents (one process each, run separately so each
 TEXT_DIR: the `text/` of a prepare run without dedup (every document that passed the quality rules, in (source,
 file, row) order), e.g. `data.dedup.exact=false data.dedup.near=false data.write_text=true data.val_fraction=0`
 with every source's weight 1. Same banding (datatrove `num_buckets` x `hashes_per_bucket` = our bands x rows at
-dedup.threshold 0.8, 64 permutations: 5 x 11), 5-gram shingles (ours: characters; datatrove: words). Prints a JSON
+dedup.threshold 0.8, 64 permutations: 5 x 11), 5-gram shingles (ours: characters; datatrove: whitespace
+words). Needs `pip install datatrove orjson`. Prints a JSON
 line with seconds, peak RSS and the ids removed; `compare` prints the agreement of two such lines.
 """
 
@@ -71,12 +72,32 @@ def datatrove(text_dir: Path, out: Path) -> dict:
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Eojeol(WordTokenizer):
+        """Words split on whitespace (eojeol). datatrove's Korean tokenizer (Kiwi) needs model files that did not
+        load here (kiwipiepy 0.24.1 with kiwipiepy_model 0.24.0), its fallback needs spaCy."""
+
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return text.split("\n")
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            raise NotImplementedError
 
     cfg = MinhashConfig(n_grams=5, num_buckets=5, hashes_per_bucket=11)
+    words = Eojeol()
+    import datatrove.utils.hashes.xxhash as dx
+    import xxhash
+
+    # datatrove 0.10.1 passes str to xxhash, which xxhash 4.x refuses: encode first (same hash, same speed).
+    dx.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
     reader = JsonlReader(str(text_dir), id_key="id")
     root = str(out / "dt")
     stages = [
-        [reader, MinhashDedupSignature(f"{root}/sigs", config=cfg, language="kor")],
+        [reader, MinhashDedupSignature(f"{root}/sigs", config=cfg, language=words)],
         [MinhashDedupBuckets(f"{root}/sigs", f"{root}/buckets", config=cfg)],
         [MinhashDedupCluster(f"{root}/buckets", f"{root}/remove_ids", config=cfg)],
         [reader, MinhashDedupFilter(f"{root}/remove_ids", exclusion_writer=JsonlWriter(f"{root}/removed"))],
