@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -309,9 +310,12 @@ def test_ray_retries_a_killed_worker(tiny_tokenizer, tmp_path):
 @pytest.mark.slow
 def test_two_node_ray_cluster_gives_the_local_bytes(tiny_tokenizer, tmp_path):
     """A head and a second node (`ray start` on 127.0.0.1, own temp dir), prepare with data.ray_address=auto."""
-    env = {**os.environ, **_ray_env(), "RAY_TMPDIR": str(tmp_path / "ray")}
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    # Ray 2.5x+ secures clusters with a token (~/.ray/auth_token): both `ray start`s must be in token mode.
+    env = {**os.environ, **_ray_env(), "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token"}
     ray = str(Path(sys.executable).parent / "ray")
-    tmp = str(tmp_path / "ray")
     head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391", "--num-cpus=1"]
     head += ["--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
     worker = [ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
@@ -327,6 +331,7 @@ def test_two_node_ray_cluster_gives_the_local_bytes(tiny_tokenizer, tmp_path):
         assert output_hashes(out) == output_hashes(ref)
     finally:
         stop_ray_started_in(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop_ray_started_in(tmp: str) -> None:
@@ -334,9 +339,10 @@ def stop_ray_started_in(tmp: str) -> None:
     every Ray instance of the machine."""
     import psutil
 
+    me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     mine = []
     for p in psutil.process_iter(["cmdline"]):
-        if any(tmp in part for part in p.info["cmdline"] or []):
+        if p.pid not in me and any(tmp in part for part in p.info["cmdline"] or []):
             mine.append(p)
     procs = {q.pid: q for p in mine for q in [p, *p.children(recursive=True)]}
     for p in procs.values():
