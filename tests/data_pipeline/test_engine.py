@@ -316,22 +316,45 @@ def test_two_node_ray_cluster_gives_the_local_bytes(tiny_tokenizer, tmp_path):
     # Ray 2.5x+ secures clusters with a token (~/.ray/auth_token): both `ray start`s must be in token mode.
     env = {**os.environ, **_ray_env(), "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token"}
     ray = str(Path(sys.executable).parent / "ray")
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6391", "--num-cpus=1"]
+    port = _free_port()
+    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1"]
     head += ["--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
-    worker = [ray, "start", "--address=127.0.0.1:6391", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
+    worker = [ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1"]
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        _ray_start(head, env, tmp)
+        _ray_start(worker, env, None)
+        cluster_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        count = "import ray; ray.init(address='auto'); print(sum(n['Alive'] for n in ray.nodes()))"
+        nodes = subprocess.run([sys.executable, "-c", count], env=cluster_env, capture_output=True, text=True)
+        assert nodes.stdout.strip().splitlines()[-1] == "2", nodes.stderr[-2000:]
         ref = tmp_path / "local"
         assert run_prepare(tiny_tokenizer, ref, *SMALL).returncode == 0
         out = tmp_path / "cluster"
-        cluster_env = {**env, "RAY_ADDRESS": "127.0.0.1:6391"}
         run = run_prepare(tiny_tokenizer, out, *SMALL, "data.engine=ray", "data.ray_address=auto", env=cluster_env)
         assert run.returncode == 0, run.stderr[-3000:]
         assert output_hashes(out) == output_hashes(ref)
     finally:
         stop_ray_started_in(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_start(cmd: list[str], env: dict, tmp: str | None) -> None:
+    """`ray start`, retried: on an overloaded machine its processes can miss Ray's startup deadlines."""
+    for _ in range(3):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            return
+        if tmp is not None:
+            stop_ray_started_in(tmp)
+    raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 def stop_ray_started_in(tmp: str) -> None:
