@@ -397,3 +397,19 @@ def test_fsspec_inputs_give_the_local_bytes(planted_dups, tiny_tokenizer, tmp_pa
     assert m["sources"]["news"]["files"][0]["path"].startswith("memory://")
     local, far = output_hashes(tmp_path / "local"), output_hashes(tmp_path / "remote")
     assert {k: v for k, v in far.items() if k != MANIFEST} == {k: v for k, v in local.items() if k != MANIFEST}
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_reading_streams_whatever_the_file_size(tmp_path, scheme):
+    """Reading a 9 MB file (locally or through fsspec) holds a few rows at a time, not the file."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    write_jsonl(path, [f"{i} " + "한강 " * 150 for i in range(10_000)])
+    assert path.stat().st_size > 8e6
+    src = SourceConfig(license="MIT")
+    tracemalloc.start()
+    n = sum(1 for _ in iter_file_docs("s", src, 0, f"{scheme}{path}"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 10_000 and peak < 2e6, peak
