@@ -93,6 +93,7 @@ def measure(cmd: list[str], env: dict) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak: dict[int, int] = {}
+    names: dict[int, str] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -102,6 +103,7 @@ def measure(cmd: list[str], env: dict) -> dict:
                 for p in [root, *root.children(recursive=True)]:
                     try:
                         peak[p.pid] = max(peak.get(p.pid, 0), p.memory_info().rss)
+                        names.setdefault(p.pid, " ".join(p.cmdline()[:3])[-60:])
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -118,6 +120,7 @@ def measure(cmd: list[str], env: dict) -> dict:
     return {
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_max_mb": round(max(peak.values()) / 1e6),
+        "largest": names.get(max(peak, key=peak.get), ""),
         "peak_rss_driver_mb": round(peak.get(proc.pid, 0) / 1e6),
         "processes": len(peak),
         "summary": json.loads(out.strip().splitlines()[-1]),
