@@ -37,8 +37,13 @@ setup(
             "kiwipiepy>=0.20",
             "datasketch>=2.0",
             "import-linter>=2.1",
+            "ray>=2.9",  # the slow Ray tests of tests/data_pipeline/test_engine.py
         ],
         "eval": ["lm-eval>=0.4.5", "accelerate"],
+        # data.engine=ray (python -m data_pipeline.prepare ... data.engine=ray, launch/ray_slurm.sbatch).
+        "ray": ["ray>=2.9"],
+        # data_pipeline.bench_datatrove: the comparison with datatrove's MinHash dedup (BENCHMARKS.md).
+        "datatrove": ["datatrove>=0.4", "orjson"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },
 )

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from data_pipeline.cli import to_object_strict
 from data_pipeline.prepare import prepare
-from data_pipeline.sources import _render, _template_fields, resolve_files
+from data_pipeline.sources import NOT_STRING, _render, _template_fields, resolve_files
 from data_pipeline.text_tokenizer import load_tokenizer
 
 _BUILDERS = {"json": "json", "parquet": "parquet", "csv": "csv", "text": "text"}
@@ -45,6 +45,7 @@ def baseline(data, tok, out: Path, num_proc: int) -> int:
         def encode(batch, fields=fields, template=template):
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             texts = [_render(template, fields, r) or "" for r in rows]
+            texts = [t if t is not NOT_STRING else "" for t in texts]
             return {"ids": [ids + [tok.eos_id] for ids in tok.encode_batch(texts, num_threads=1)]}
 
         mapped = ds.map(encode, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=ds.column_names)

@@ -102,8 +102,68 @@ def top_ngram_share(text: str, n: int = 3, min_words: int = 0) -> tuple[float, i
     return covered / max(1, int(lengths.sum())), len(words)
 
 
+_P = np.uint64(0x100000001B3)
+# Sentence-final punctuation (FineWeb's `line_punct` set, plus CJK and closing quotes), and the final syllables of
+# Korean sentence endings (-다, -요, -죠, -까, -니, -네, -음/-함/-임/-됨): informal Korean often drops the period.
+_TERMINAL = frozenset(".!?…\u3002！？\"'”’)]」』》〉:;")
+_KO_ENDINGS = frozenset("다요죠까니네음함임됨")
+
+
+def _gram_hashes(codes: np.ndarray, k: int) -> np.ndarray:
+    """64-bit hashes of every window of k consecutive values (uint64 wraps by design; only equality matters)."""
+    n = len(codes) - k + 1
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(k):
+            h = h * _P ^ codes[i : i + n]
+    return h
+
+
+def char_repetition(text: str, k: int = 10) -> float:
+    """Share of the character k-grams (whitespace removed) that repeat an earlier one: 1 - distinct / all."""
+    s = "".join(text.split())
+    if len(s) < k:
+        return 0.0
+    codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    grams = _gram_hashes(codes, k)
+    return 1.0 - len(np.unique(grams)) / len(grams)
+
+
+def word_repetition(words: list[str], n: int = 5) -> float:
+    """Share of word characters inside word n-grams that occur more than once (Gopher's duplicate n-gram character
+    fraction; each word counted once however many repeated n-grams cover it)."""
+    if len(words) < n:
+        return 0.0
+    h = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    _, inverse, counts = np.unique(_gram_hashes(h, n), return_inverse=True, return_counts=True)
+    starts = np.nonzero(counts[inverse.ravel()] > 1)[0]
+    if not len(starts):
+        return 0.0
+    cover = np.zeros(len(words) + 1, dtype=np.int64)
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    return float(lengths[np.cumsum(cover[:-1]) > 0].sum() / max(1, lengths.sum()))
+
+
+def line_stats(text: str, short_chars: int) -> tuple[int, float, float]:
+    """(non-empty lines, share ending a sentence, share shorter than `short_chars` characters)."""
+    lines = [line.strip() for line in text.split("\n")]
+    lines = [line for line in lines if line]
+    if not lines:
+        return 0, 0.0, 0.0
+    ended = sum(line[-1] in _TERMINAL or line[-1] in _KO_ENDINGS for line in lines)
+    short = sum(len(line) < short_chars for line in lines)
+    return len(lines), ended / len(lines), short / len(lines)
+
+
 def quality_reason(text: str, filters: FilterConfig, language: str) -> str | None:
-    """The name of the first quality rule the (cleaned) text fails, or None when it passes."""
+    """The name of the first quality rule the (cleaned) text fails, or None when it passes.
+
+    Character rules apply to every document; the document-statistics rules (word length, repetition, line shape)
+    only from `filters.rules_min_chars` characters, and the prose rules (word length, line punctuation, short
+    lines) not to `language: code`.
+    """
     if len(text.strip()) < filters.min_chars:
         return "too_short"
     if len(text) > filters.max_chars:
@@ -114,10 +174,29 @@ def quality_reason(text: str, filters: FilterConfig, language: str) -> str | Non
             return "low_hangul"
         if c["symbols"] > filters.max_symbol_share * c["visible"]:
             return "symbols"
+    long_doc = len(text) >= filters.rules_min_chars
+    prose = long_doc and language != "code"
+    if prose and filters.max_mean_word_length > 0:
+        words = text.split()
+        mean = sum(map(len, words)) / max(1, len(words))
+        if not filters.min_mean_word_length <= mean <= filters.max_mean_word_length:
+            return "word_length"
+    if long_doc and filters.max_char_repetition < 1 and char_repetition(text) > filters.max_char_repetition:
+        return "repeated_chars"
     if filters.max_dup_line_share < 1 and dup_line_share(text) > filters.max_dup_line_share:
         return "repeated_lines"
-    if filters.max_top_ngram_share < 1:
-        share, words = top_ngram_share(text, 3, filters.ngram_min_words)
-        if words >= filters.ngram_min_words and share > filters.max_top_ngram_share:
-            return "repeated_ngrams"
+    if filters.max_top_ngram_share < 1 or filters.max_word_repetition < 1:
+        words = text.split()
+        if len(words) >= filters.ngram_min_words:
+            if filters.max_top_ngram_share < 1 and top_ngram_share(text, 3)[0] > filters.max_top_ngram_share:
+                return "repeated_ngrams"
+            if filters.max_word_repetition < 1 and word_repetition(words) > filters.max_word_repetition:
+                return "repeated_words"
+    if prose and (filters.min_line_punct_share > 0 or filters.max_short_line_share < 1):
+        lines, ended, short = line_stats(text, filters.short_line_chars)
+        if lines >= filters.line_rules_min_lines:
+            if ended < filters.min_line_punct_share:
+                return "line_punctuation"
+            if short > filters.max_short_line_share:
+                return "short_lines"
     return None

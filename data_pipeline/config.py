@@ -12,29 +12,72 @@ FORMATS = ("json", "parquet", "csv", "text")
 
 @dataclass
 class FilterConfig:
-    """Quality filters (Gopher-style rules); a document failing one is rejected under that rule's name."""
+    """Quality filters; a document failing one is rejected under that rule's name.
+
+    Defaults are Gopher's (Rae et al. 2021) and FineWeb's (Penedo et al. 2024) published thresholds, adapted to
+    Korean and measured on the shared corpora (BENCHMARKS.md, "Quality filters"), so a plain data config filters
+    sensibly without tuning; 1 (or 0 for a minimum) disables a rule.
+    """
 
     min_chars: int = 1
     """Shorter documents are rejected as `too_short` (after cleaning)."""
     max_chars: int = 5_000_000
     """Longer documents are rejected as `huge` (before cleaning, so a runaway file costs nothing)."""
-    min_hangul_share: float = 0.0
+    min_hangul_share: float = 0.3
     """For `language: ko` sources: Hangul syllables / letters below this are `low_hangul`; 0 disables."""
-    max_symbol_share: float = 1.0
+    max_symbol_share: float = 0.5
     """Share of non-letter, non-digit, non-space characters above this is `symbols`; 1 disables."""
-    max_dup_line_share: float = 1.0
-    """Share of lines that repeat an earlier line of the document, above this is `repeated_lines`; 1 disables."""
-    max_top_ngram_share: float = 1.0
-    """Share of characters covered by the most frequent word 3-gram, above this is `repeated_ngrams`; 1 disables."""
+    max_dup_line_share: float = 0.3
+    """Share of lines that repeat an earlier line of the document, above this is `repeated_lines` (Gopher 0.3)."""
+    max_top_ngram_share: float = 0.2
+    """Share of characters covered by the most frequent word 3-gram, above this is `repeated_ngrams` (Gopher: 0.18
+    for 3-grams; eojeol carry particles, so Korean 3-grams repeat less than English ones at the same share)."""
     ngram_min_words: int = 50
-    """The n-gram rule applies only to documents of at least this many words (short texts repeat by chance)."""
+    """The word-repetition rules apply only to documents of at least this many words (short texts repeat by chance;
+    Gopher's minimum document length)."""
+    rules_min_chars: int = 200
+    """Word-length, character-repetition and line rules judge only documents of at least this many characters:
+    short texts (reviews, chat lines) have no line structure and repeat by nature."""
+    min_mean_word_length: float = 2.0
+    """Mean characters per word below this is `word_length`. Gopher: 3 for English words; a Korean eojeol is
+    shorter in characters (median document 3.6 syllables on kowiki against 4.7-5.0 letters on English text, one
+    syllable carrying about two letters' worth), and 3 would drop 1% of kowiki."""
+    max_mean_word_length: float = 10.0
+    """Mean characters per word above this is `word_length` (Gopher: 10): text without spaces; 0 disables."""
+    max_char_repetition: float = 0.6
+    """Share of character 10-grams repeating an earlier one, above this is `repeated_chars` (one syllable repeated,
+    text without spaces where the word rules cannot see)."""
+    max_word_repetition: float = 0.6
+    """Share of word characters inside repeated word 5-grams, above this is `repeated_words`. Gopher: 0.15, which
+    would drop over half of the court decisions: Korean legal prose repeats its formulas (median 0.21)."""
+    min_line_punct_share: float = 0.08
+    """Share of lines ending a sentence (punctuation, or a Korean sentence ending such as -다/-요) below this is
+    `line_punctuation`; 0 disables. FineWeb: 0.12, which drops 5 of 27 hard-wrapped Gutenberg books."""
+    max_short_line_share: float = 0.67
+    """Share of lines shorter than `short_line_chars` above this is `short_lines` (FineWeb: 0.67)."""
+    short_line_chars: int = 15
+    """FineWeb: 30 characters; a Hangul syllable carries about two letters, and 30 would drop a third of the court
+    decisions (short party and date lines)."""
+    line_rules_min_lines: int = 3
+    """The line-punctuation and short-line rules judge only documents with at least this many non-empty lines."""
 
     def __post_init__(self) -> None:
         if self.min_chars < 0 or self.max_chars < self.min_chars:
             raise ValueError(f"filters: need 0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
-        for name in ("min_hangul_share", "max_symbol_share", "max_dup_line_share", "max_top_ngram_share"):
+        for name in (
+            "min_hangul_share",
+            "max_symbol_share",
+            "max_dup_line_share",
+            "max_top_ngram_share",
+            "max_char_repetition",
+            "max_word_repetition",
+            "min_line_punct_share",
+            "max_short_line_share",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"filters.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.min_mean_word_length < 0 or self.max_mean_word_length < 0:
+            raise ValueError("filters.min_mean_word_length and max_mean_word_length must be >= 0")
 
 
 @dataclass
@@ -123,6 +166,11 @@ class DataConfig:
     """Split the per-file work into this many parts, run independently (e.g. a SLURM array), then merged."""
     shard_index: int | None = None
     """With num_shards > 1: which part this run processes; null = all parts then merge (one job)."""
+    engine: str = "local"
+    """local (processes on this machine) | ray (Ray tasks on a cluster); output bytes do not depend on it."""
+    ray_address: str | None = None
+    """With engine=ray: null starts a Ray instance on this machine; `auto` joins the cluster started by `ray start`
+    (launch/ray_slurm.sbatch); or host:port."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -133,6 +181,8 @@ class DataConfig:
             raise ValueError(f"need 0 <= data.shard_index < data.num_shards, got {self.shard_index}/{self.num_shards}")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"data.engine={self.engine!r}: choose local or ray")
 
     def source_filters(self, name: str) -> FilterConfig:
         """data.filters with the source's overrides applied (validated)."""

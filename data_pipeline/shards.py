@@ -12,10 +12,10 @@ MANIFEST = "manifest.json"
 FORMAT = "hangang-shards-v1"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes (a path, or an open binary file object, which is closed)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") if isinstance(path, (str, Path)) else path as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import string
@@ -51,21 +52,59 @@ def check_licenses(data: DataConfig) -> None:
             )
 
 
-def resolve_files(name: str, src: SourceConfig) -> list[Path]:
-    """Expand a source's globs into a sorted, de-duplicated file list; a pattern matching nothing is an error."""
+def is_url(path: str | Path) -> bool:
+    """A remote (or any fsspec) location such as s3://bucket/x.jsonl, hf://..., memory://...: read through fsspec."""
+    return "://" in str(path)
+
+
+def open_input(path: str | Path):
+    """A binary file object for a local path or an fsspec URL (streamed: nothing is downloaded whole)."""
+    if is_url(path):
+        import fsspec  # only remote inputs pay for its import
+
+        return fsspec.open(str(path), "rb").open()
+    return open(path, "rb")
+
+
+def input_stat(path: str | Path) -> tuple[int, str]:
+    """(size in bytes, a change marker: mtime for local files, the store's ETag/mtime/checksum for URLs)."""
+    if not is_url(path):
+        st = os.stat(path)
+        return st.st_size, str(st.st_mtime_ns)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    info = fs.info(inner)
+    marker = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "created", "md5") if k in info), "")
+    return int(info.get("size") or 0), marker
+
+
+def resolve_files(name: str, src: SourceConfig) -> list[Path | str]:
+    """Expand a source's globs (local, or fsspec URLs) into a sorted, de-duplicated file list; a pattern matching
+    nothing is an error."""
     if not src.paths:
         raise ValueError(f"data source {name!r} has no paths: set data.sources.{name}.paths")
-    files: list[Path] = []
+    files: list[Path | str] = []
     for pattern in src.paths:
-        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        matched = [m for m in matched if os.path.isfile(m)]
+        if is_url(pattern):
+            import fsspec
+
+            fs, inner = fsspec.core.url_to_fs(pattern)
+            found = sorted(p for p in fs.glob(inner) if fs.isfile(p))
+            if found:
+                files.extend(fs.unstrip_protocol(p) for p in found)
+                continue
+            matched = []
+        else:
+            matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            matched = [m for m in matched if os.path.isfile(m)]
         if not matched:
             raise FileNotFoundError(
                 f"data source {name!r}: path {pattern!r} matches no file (working directory {os.getcwd()}); "
                 f"fix data.sources.{name}.paths"
             )
         files.extend(Path(m) for m in matched)
-    seen: set[Path] = set()
+    seen: set[Path | str] = set()
     return [f for f in files if not (f in seen or seen.add(f))]
 
 
@@ -74,16 +113,23 @@ def _template_fields(template: str) -> list[str]:
 
 
 def _render(template: str, fields: list[str], row: dict) -> str | None:
+    """The document's text, None when a field is missing, NOT_STRING when one is not a string (a JSON number or
+    list in the text field is not text: it is rejected as `text_not_string`, not stringified)."""
     if len(fields) == 1 and template == "{" + fields[0] + "}" or not fields:
         key = fields[0] if fields else template
         value = row.get(key)
-        return None if value is None else str(value)
+        return None if value is None else value if isinstance(value, str) else NOT_STRING
     values = {}
     for f in fields:
         if row.get(f) is None:
             return None
-        values[f] = str(row[f])
+        if not isinstance(row[f], str):
+            return NOT_STRING
+        values[f] = row[f]
     return template.format(**values)
+
+
+NOT_STRING = "\0not a string"  # a sentinel no reader can produce: cleaning removes NUL, so no text starts with it
 
 
 @dataclass(frozen=True)
@@ -95,7 +141,7 @@ class Rejected:
 
 def _iter_jsonl(path: Path) -> Iterator[dict | Rejected]:
     # Our own line reader: the `datasets` JSON builder fails the whole file on one bad line.
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         for raw in fh:
             if not raw.strip():
                 continue
@@ -115,7 +161,7 @@ def _iter_jsonl(path: Path) -> Iterator[dict | Rejected]:
 def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[dict]:
     import pyarrow.parquet as pq  # only parquet sources pay for its import (~0.1 s)
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(open_input(path))
     if columns is not None:  # read only what the text template and license field need
         columns = [c for c in columns if c in pf.schema_arrow.names] or None
     for batch in pf.iter_batches(batch_size=4096, columns=columns):
@@ -123,7 +169,7 @@ def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[dict
 
 
 def _iter_csv(path: Path) -> Iterator[dict | Rejected]:
-    with open(path, encoding="utf-8", errors="strict", newline="") as fh:
+    with io.TextIOWrapper(open_input(path), encoding="utf-8", errors="strict", newline="") as fh:
         reader = csv.DictReader(fh)
         while True:
             try:
@@ -140,7 +186,8 @@ def _iter_csv(path: Path) -> Iterator[dict | Rejected]:
 
 
 def _iter_text(path: Path) -> Iterator[dict | Rejected]:
-    raw = path.read_bytes()
+    with open_input(path) as fh:
+        raw = fh.read()
     try:
         yield {"text": raw.decode("utf-8")}
     except UnicodeDecodeError:
@@ -150,7 +197,7 @@ def _iter_text(path: Path) -> Iterator[dict | Rejected]:
 _READERS = {"json": _iter_jsonl, "parquet": _iter_parquet, "csv": _iter_csv, "text": _iter_text}
 
 
-def iter_file(name: str, src: SourceConfig, path: Path) -> Iterator[dict | Rejected]:
+def iter_file(name: str, src: SourceConfig, path: Path | str) -> Iterator[dict | Rejected]:
     """Stream the rows of one file (flat memory): json lines, parquet row batches, csv rows, or a whole text file.
 
     A bad row yields Rejected(reason) and reading goes on; a file that cannot be opened or parsed at all yields
@@ -168,7 +215,7 @@ def iter_file(name: str, src: SourceConfig, path: Path) -> Iterator[dict | Rejec
 
 
 def iter_file_docs(
-    name: str, src: SourceConfig, file_index: int, path: Path, max_docs: int | None = None
+    name: str, src: SourceConfig, file_index: int, path: Path | str, max_docs: int | None = None
 ) -> Iterator[Document | Rejected]:
     """Documents (or rejections) of one file; a row without the text field is Rejected("missing_text")."""
     template = src.text if "{" in src.text else "{" + src.text + "}"
@@ -180,8 +227,8 @@ def iter_file_docs(
             yield row
             continue
         text = _render(template, fields, row)
-        if text is None:
-            yield Rejected("missing_text")
+        if text is None or text is NOT_STRING:
+            yield Rejected("missing_text" if text is None else "text_not_string")
             continue
         lic = row.get(src.license_field) if src.license_field else None
         yield Document(name, file_index, row_index, text, str(lic) if lic else None)

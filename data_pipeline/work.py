@@ -2,9 +2,10 @@
 
 Each input file gives one result under OUT/work/ (written atomically, `.json` last):
     {stem}.tok    the kept documents' tokens, each followed by EOS (dtype of the output)
-    {stem}.npz    per row: status (0 kept, else 1 + reason index); per kept document: row, token count, exact key,
-                  whether it has a MinHash signature (long enough for near-dedup) and the signatures of those that
-                  do, license index, PII replacements
+    {stem}.npz    per row: status (0 kept, else 1 + reason index); per kept document: row, token count, license
+                  index, PII replacements
+    {stem}.exact.npy, {stem}.bands.npy (and .idx.npy bucket offsets): the kept documents' exact keys and LSH band
+                  keys (documents long enough for near-dedup) as bucketed sorted runs (dedup.py)
     {stem}.jsonl  (data.write_text) the kept documents' cleaned text, in order
     {stem}.json   counts, reasons, licenses, input sha256, and the fingerprint of everything that shaped the result
 Results depend only on the file and the config, never on which process or part made them, so the global pass
@@ -25,13 +26,13 @@ import numpy as np
 
 from data_pipeline.clean import clean_text, quality_reason
 from data_pipeline.config import DataConfig
-from data_pipeline.dedup import exact_key, permutations, signature
+from data_pipeline.dedup import band_run, exact_key, exact_run, lsh_params, permutations, signature
 from data_pipeline.pii import PLACEHOLDERS, scrub
 from data_pipeline.shards import file_sha256
-from data_pipeline.sources import Document, iter_file_docs
+from data_pipeline.sources import Document, input_stat, iter_file_docs, open_input
 from data_pipeline.text_tokenizer import TextTokenizer
 
-WORK_FORMAT = "hangang-work-v1"
+WORK_FORMAT = "hangang-work-v2"
 ENCODE_BATCH = 256
 PII_KINDS = tuple(PLACEHOLDERS)
 
@@ -52,14 +53,14 @@ class Task:
 
 def fingerprint(data: DataConfig, tok_sha256: str, task: Task) -> str:
     """Hash of every input of a file's result: the file's identity, its source config, filters, dedup, tokenizer."""
-    st = os.stat(task.path)
+    size, changed = input_stat(task.path)
     parts = {
         "format": WORK_FORMAT,
         "task": asdict(task),
-        "file": [st.st_size, st.st_mtime_ns],
+        "file": [size, changed],
         "source": asdict(data.sources[task.source]),
         "filters": asdict(data.source_filters(task.source)),
-        "dedup": [data.dedup.num_perm, data.dedup.shingle, data.dedup.min_chars, data.dedup.near],
+        "dedup": asdict(data.dedup),
         "pii": data.pii,
         "licenses": sorted(data.allowed_licenses),
         "max_docs": data.max_docs_per_source,
@@ -105,7 +106,7 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
                 text_fh.write(json.dumps({"id": doc.doc_id, "text": text}, ensure_ascii=False) + "\n")
         batch.clear()
 
-    for item in iter_file_docs(task.source, src, task.file_index, Path(task.path), data.max_docs_per_source):
+    for item in iter_file_docs(task.source, src, task.file_index, task.path, data.max_docs_per_source):
         if not isinstance(item, Document):
             reject(item.reason)
             continue
@@ -151,12 +152,21 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
         status=np.asarray(status, dtype=np.int16),
         rows=np.asarray(rows, dtype=np.int64),
         lengths=np.asarray(lengths, dtype=np.int64),
-        keys=np.stack(keys) if n else np.zeros((0, 16), np.uint8),
-        sigs=np.stack(sigs) if sigs else np.zeros((0, data.dedup.num_perm), np.uint64),
-        has_sig=np.asarray(has_sig, dtype=bool),
         licenses=np.asarray(lic_idx, dtype=np.int32),
         pii=np.asarray(pii_rows, dtype=np.int32).reshape(n, len(PII_KINDS)),
     )
+    ordinals = (np.uint64(task.index) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+    runs = {}
+    if data.dedup.exact:
+        runs["exact"] = exact_run(np.stack(keys) if n else np.zeros((0, 16), np.uint8), ordinals)
+    if data.dedup.near:
+        bands, width = lsh_params(data.dedup.threshold, data.dedup.num_perm)
+        sig = np.stack(sigs) if sigs else np.zeros((0, data.dedup.num_perm), np.uint64)
+        runs["bands"] = band_run(sig, ordinals[np.asarray(has_sig, dtype=bool)], bands, width)
+    for kind, (records, offsets) in runs.items():
+        for suffix, array in ((kind, records), (f"{kind}.idx", offsets)):
+            np.save(work / f"{task.stem}.{suffix}.tmp.npy", array)
+            os.replace(work / f"{task.stem}.{suffix}.tmp.npy", work / f"{task.stem}.{suffix}.npy")
     os.replace(work / f"{task.stem}.npz.tmp.npz", work / f"{task.stem}.npz")
     os.replace(tmp["tok"], work / f"{task.stem}.tok")
     if text_fh is not None:
@@ -166,8 +176,8 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
     meta = {
         "fingerprint": fingerprint(data, tok.sha256, task),
         "task": asdict(task),
-        "sha256": file_sha256(task.path),
-        "bytes": os.path.getsize(task.path),
+        "sha256": file_sha256(open_input(task.path)),
+        "bytes": input_stat(task.path)[0],
         "reasons": reasons,
         "licenses": licenses,
         "docs_in": len(status),
@@ -177,16 +187,3 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
     (work / f"{task.stem}.json.tmp").write_text(json.dumps(meta))
     os.replace(work / f"{task.stem}.json.tmp", work / f"{task.stem}.json")
     return meta
-
-
-_STATE: dict = {}
-
-
-def init_worker(data: DataConfig, tok: TextTokenizer, dtype: str, work: Path, threads: int) -> None:
-    """Pool initializer: the config and tokenizer travel once per process, not once per file."""
-    _STATE.update(data=data, tok=tok, dtype=dtype, work=work, threads=threads)
-
-
-def run_task(task: Task) -> dict:
-    s = _STATE
-    return process_file(task, s["data"], s["tok"], s["dtype"], s["work"], s["threads"])

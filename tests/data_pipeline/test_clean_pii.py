@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 
+import numpy as np
 import pytest
 
 from data_pipeline.clean import clean_text, quality_reason
@@ -86,3 +87,67 @@ def test_each_quality_rule_names_its_reason():
     assert quality_reason("\n".join(["같은 줄입니다"] * 5 + ["다른 줄"]), f, "ko") == "repeated_lines"
     assert quality_reason(" ".join(["나는 밥을 먹었다"] * 10), f, "ko") == "repeated_ngrams"
     assert quality_reason("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있다.", f, "ko") is None
+
+
+# ---- quality rules on by default ----
+
+PROSE = (
+    "한강은 대한민국의 중부를 흐르는 강이다. 유역 면적은 약 이만 육천 제곱킬로미터이며 수도권의 식수원으로 쓰인다.\n"
+    "조선 시대에는 수운의 중심이었고, 지금은 공원과 다리가 늘어서 있다.\n"
+    "여름이면 강변에서 축제가 열리고 많은 시민이 자전거를 타며 산책을 즐긴다.\n"
+)
+
+
+def test_defaults_keep_ordinary_korean_prose_and_short_texts():
+    f = FilterConfig()
+    assert quality_reason(clean_text(PROSE), f, "ko") is None
+    for short in ("재밌어요", "ㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋ", "진짜재밌게봤어요정말최고의영화", "안녕\n반가워"):
+        assert quality_reason(short, f, "ko") is None, short
+
+
+_RNG = np.random.default_rng(0)
+_SYL = list("가나라마바사아자차카타파하고노도로모보소오조초코토포호")
+# 40 lines of five random three-syllable words, none ending a sentence: a list of headings or link titles.
+HEADINGS = "\n".join(" ".join("".join(_RNG.choice(_SYL, 3)) for _ in range(5)) for _ in range(40))
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("가" * 3_000_000, "word_length"),  # one syllable three million times: no spaces, no words
+        ("가 나 " * 200, "word_length"),  # one-character "words"
+        (("한강공원의 자전거길 " * 3 + "\n") * 40, "repeated_chars"),
+        (HEADINGS, "line_punctuation"),
+        ("\n".join(f"{i}번 항목이다." for i in range(40)) + "\n" + PROSE, "short_lines"),
+    ],
+)
+def test_defaults_reject_by_rule(text, reason):
+    assert quality_reason(text, FilterConfig(), "ko") == reason
+
+
+def test_word_repetition_counts_characters_in_repeated_five_grams():
+    from data_pipeline.clean import word_repetition
+
+    words = [f"w{i}" for i in range(100)]
+    assert word_repetition(words) == 0.0
+    assert word_repetition(words[:10] * 2) == 1.0
+    # w0..w9 twice (2 characters each) among 100 words of 280 characters
+    assert word_repetition(words[:50] + words[:10] + words[60:]) == pytest.approx(40 / 280)
+
+
+def test_prose_rules_skip_code():
+    code = "\n".join(f"    x_{i} = f(x_{i - 1})" for i in range(1, 60))
+    f = FilterConfig(max_symbol_share=1.0)
+    assert quality_reason(code, f, "code") is None
+    assert quality_reason(code, f, "en") == "short_lines"
+
+
+def test_non_string_text_field_is_its_own_rejection(tmp_path):
+    from data_pipeline.config import SourceConfig
+    from data_pipeline.sources import Document, Rejected, iter_file_docs
+
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": 12345}\n{"text": "12345"}\n{"text": null}\n{"text": {"a": 1}}\n', encoding="utf-8")
+    got = list(iter_file_docs("s", SourceConfig(license="MIT"), 0, path))
+    assert got[0] == Rejected("text_not_string") and got[3] == Rejected("text_not_string")
+    assert isinstance(got[1], Document) and got[1].text == "12345" and got[2] == Rejected("missing_text")
