@@ -80,11 +80,11 @@ def build_muon_optimizer(model: nn.Module, optim: OptimConfig, device: torch.dev
     in DeepSpeed's MoE groups (partitioned over the expert-data-parallel group) as for AdamW."""
     mc = optim.muon
     muon, adam = split_params(model)
+    matrices = [p for _, p in adam if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    vectors = [p for _, p in adam if len(getattr(p, "ds_shape", p.shape)) < 2]
     groups = [
-        {"name": "decay", "use_muon": False, "params": [p for _, p in adam if len(getattr(p, "ds_shape", p.shape)) >= 2],
-         "weight_decay": optim.weight_decay},
-        {"name": "no_decay", "use_muon": False,
-         "params": [p for _, p in adam if len(getattr(p, "ds_shape", p.shape)) < 2], "weight_decay": 0.0},
+        {"name": "decay", "use_muon": False, "params": matrices, "weight_decay": optim.weight_decay},
+        {"name": "no_decay", "use_muon": False, "params": vectors, "weight_decay": 0.0},
         {"name": "muon", "use_muon": True, "params": [p for _, p, _ in muon],
          "lr": mc.lr if mc.lr is not None else optim.lr,
          "weight_decay": mc.weight_decay if mc.weight_decay is not None else optim.weight_decay},
@@ -123,9 +123,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], specs: dict[int, MatrixSpec], optim: OptimConfig, dtype: torch.dtype):
         mc = optim.muon
-        defaults = {"lr": optim.lr, "weight_decay": optim.weight_decay, "betas": (optim.beta1, optim.beta2),
-                    "eps": optim.eps, "momentum": mc.momentum, "nesterov": mc.nesterov, "ns_steps": mc.ns_steps,
-                    "ns_coefficients": tuple(mc.ns_coefficients), "ns_eps": mc.eps, "rms_scale": mc.rms_scale}  # fmt: skip
+        defaults = {
+            "lr": optim.lr, "weight_decay": optim.weight_decay, "betas": (optim.beta1, optim.beta2), "eps": optim.eps,
+            "momentum": mc.momentum, "nesterov": mc.nesterov, "ns_steps": mc.ns_steps,
+            "ns_coefficients": tuple(mc.ns_coefficients), "ns_eps": mc.eps, "rms_scale": mc.rms_scale,
+        }  # fmt: skip
         super().__init__(groups, defaults)
         self.specs = specs
         self.ns_dtype = dtype
@@ -276,3 +278,26 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def check_optimizer(optim: OptimConfig, zero_stage: int, offload_optimizer: bool, bf16: bool, tp_size: int = 1) -> None:
+    """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet."""
+    if optim.name == "muon":
+        if tp_size > 1:
+            raise ValueError(
+                f"optim=muon with tensor parallelism (tp_size={tp_size}) is not supported yet: Newton-Schulz would "
+                "see one tensor-parallel shard of each matrix; use optim=adamw, or tp_size=1"
+            )
+        if offload_optimizer:
+            raise ValueError(
+                "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
+                "the offloaded partitions): use optim=adamw, or deepspeed.offload_optimizer=false"
+            )
+    edits_masters = optim.name == "muon" or optim.qk_clip.enabled
+    if edits_masters and bf16 and zero_stage in (0, 1):
+        what = "optim=muon" if optim.name == "muon" else "optim.qk_clip.enabled=true"
+        raise ValueError(
+            f"{what} with bf16 and deepspeed.zero_stage={zero_stage} is not supported yet (DeepSpeed's bf16 "
+            "optimizer wrapper keeps its fp32 master weights in another layout): use deepspeed.zero_stage=2 or 3, "
+            "or train.dtype=fp32"
+        )
