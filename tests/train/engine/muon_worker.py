@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP]`: Muon under DeepSpeed ZeRO-STAGE on two
+"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed ZeRO-STAGE on two
 real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
 
 Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
@@ -6,6 +6,8 @@ micro-batches (mean loss), clips the full gradient and applies a plain per-matri
 here independently of train/engine/muon.py) and torch's AdamW. After every step the full weights (experts gathered)
 must agree to 1e-5. The model is DeepSeek-style (MLA, shared + routed experts, MTP) with an untied output head, so
 every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
+
+`rows`: instead, QK-clip's row scaling of a query and a key weight reaches ZeRO's fp32 master copy ("OK rows STAGE EP").
 """
 
 from __future__ import annotations
@@ -70,6 +72,33 @@ class ReferenceMuon:
                 w.add_(ns(m), alpha=-LR * 0.2 * math.sqrt(max(m.shape)))
 
 
+def check_row_scaler(engine, ref_state: dict) -> None:
+    """QK-clip's weight edit under ZeRO: scale some rows of a query and a key weight, take a step with a negligible
+    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones."""
+    from train.engine.deepspeed_engine import full_state_dict
+    from train.engine.muon import row_scaler
+
+    scale = row_scaler(engine)
+    attn = engine.module.layers[1].self_attn
+    edits = {"layers.1.self_attn.q_b_proj.weight": attn.q_b_proj.weight,
+             "layers.1.self_attn.kv_b_proj.weight": attn.kv_b_proj.weight}  # fmt: skip
+    want = dict(ref_state)
+    for name, param in edits.items():
+        rows = torch.ones(want[name].shape[0])
+        rows[3:7] = torch.tensor([0.5, 0.25, 2.0, 0.125])
+        scale(param, rows)
+        want[name] = want[name] * rows[:, None]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 1e-12
+    x = torch.randint(64, (2, 17))
+    engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
+    engine.step()
+    full = full_state_dict(engine)
+    if dist.get_rank() == 0:
+        for name, t in want.items():
+            torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def main() -> None:
     import deepspeed
 
@@ -83,6 +112,7 @@ def main() -> None:
     from train.trainer.layout import make_layout
 
     stage, ep = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    rows_only = len(sys.argv) > 3 and sys.argv[3] == "rows"
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = dist.get_rank()
     cfg = model_config()
@@ -107,6 +137,13 @@ def main() -> None:
     if rank == 0:
         for name, t in ref.state_dict().items():
             torch.testing.assert_close(first[name], t, rtol=0, atol=0, msg=f"initial {name}")
+    if rows_only:
+        check_row_scaler(engine, ref.state_dict())
+        dist.barrier()
+        if rank == 0:
+            print(f"OK rows {stage} {ep}", flush=True)
+        dist.destroy_process_group()
+        return
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         batch = torch.randint(64, (2, 2, 17), generator=g)  # (rank, micro, T+1)
