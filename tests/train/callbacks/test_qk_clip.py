@@ -128,11 +128,12 @@ def test_row_edit_reaches_zero_master_weights(stage):
 def test_pretrain_logs_max_logit_and_clips(tiny_tokenizer, tiny_data, tmp_path):
     run = tmp_path / "run"
     args = train_args(tiny_tokenizer, tiny_data, run, "optim=muon", "optim.qk_clip.enabled=true",
-                      "optim.qk_clip.tau=1.0", "deepspeed.zero_stage=2")  # fmt: skip
+                      "optim.qk_clip.tau=0.1", "deepspeed.zero_stage=2")  # fmt: skip
     run_module("torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain", *args, timeout=600)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if x.get("step", 0) > 0 and "loss" in x]
     assert all("max_attn_logit" in x and "max_attn_logit/layers.0" in x for x in steps)
-    assert steps[0]["qk_clipped_heads"] > 0  # tau=1 is below any head's logit at init
-    # after clipping, the logits the next step sees stay near tau (the update moves them a little)
-    assert all(x["max_attn_logit"] < 1.5 for x in steps[1:])
+    # without clipping this run's first step sees logits up to 0.142 and steps 2-10 average 0.128 (measured)
+    assert steps[0]["qk_clipped_heads"] > 0
+    later = [x["max_attn_logit"] for x in steps[1:]]
+    assert sum(later) / len(later) < 0.115, later  # clipped runs stay near tau (new batches may exceed it a little)
