@@ -565,6 +565,8 @@ class BenchRoot:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     """Kernels, loss and activation checkpointing of ours (compile and fp8 come from bench.compile / bench.fp8)."""
     bench: BenchConfig = field(default_factory=BenchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Our model's optimizer: adamw (torch's, lr 1e-4) or muon (`optim=muon`; the peer keeps AdamW)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelNode):  # moved keys were taken out by move_deprecated_keys

@@ -1,5 +1,5 @@
-"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed ZeRO-STAGE on two
-real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
+"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed
+ZeRO-STAGE on two real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
 
 Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
 micro-batches (mean loss), clips the full gradient and applies a plain per-matrix Muon (fp32 Newton-Schulz, written
