@@ -152,7 +152,43 @@ def attend(
     return eager_causal_attention(q, k, v, scale, None if mask is None else mask.dense)
 
 
-class Attention(nn.Module):
+@torch.no_grad()
+def max_attention_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float, mask: AttnMask | None = None, chunk: int = 256
+) -> torch.Tensor:
+    """Largest pre-softmax logit q.k * scale of each query head over the batch and the (causal, and where `mask`
+    has a dense form, document) pairs that attention lets through: q (B, nh, T, d), k (B, n_kv, T, d) -> (nh,) fp32.
+
+    Computed apart from the attention kernel (which never materialises the logits), in query chunks of `chunk`."""
+    B, H, T, _ = q.shape
+    k = repeat_kv(k, H // k.size(1)).float()
+    best = torch.full((H,), float("-inf"), device=q.device)
+    pos = torch.arange(T, device=q.device)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        scores = (q[:, :, s:e].float() @ k[:, :, :e].transpose(-2, -1)) * scale  # (B, H, e-s, e)
+        allowed = pos[None, :e] <= pos[s:e, None]  # causal
+        if mask is not None and mask.dense is not None:
+            allowed = allowed & mask.dense[:, :, s:e, :e]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best
+
+
+class LogitTracker:
+    """Mixin of the attention modules: with `track_max_logit` set (by the trainer's QK-clip component), each forward
+    folds the largest logit per head into `max_logit` (nh,), until the trainer reads and resets it. Off by default:
+    the forward then runs exactly as without it."""
+
+    track_max_logit: bool = False
+    max_logit: torch.Tensor | None = None
+
+    def _track(self, q: torch.Tensor, k: torch.Tensor, mask: AttnMask | None) -> None:
+        m = max_attention_logits(q, k, self.scale, mask)
+        self.max_logit = m if self.max_logit is None else torch.maximum(self.max_logit, m)
+
+
+class Attention(LogitTracker, nn.Module):
     """Llama self-attention: q/k/v/o projections, RoPE on q and k, causal GQA. Options: q/k/v biases (Qwen2),
     per-head RMSNorm of q and k before RoPE (Qwen3, `q_norm` / `k_norm`)."""
 
@@ -181,6 +217,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
+    def qk_clip_scales(self, gamma: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Row factors that multiply head h's logits by gamma[h] (nh,): with one key head per query head, sqrt(gamma)
+        on both; with grouped keys (shared by several query heads), gamma on the query head alone, so heads under
+        the threshold keep their weights."""
+        gamma = gamma.float()
+        hd = self.head_dim
+        if self.n_kv_heads == self.n_heads:
+            root = gamma.sqrt().repeat_interleave(hd)
+            return [(self.q_proj.weight, root), (self.k_proj.weight, root)]
+        return [(self.q_proj.weight, gamma.repeat_interleave(hd))]
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
     ) -> torch.Tensor:
@@ -195,12 +242,14 @@ class Attention(nn.Module):
         k = k.transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rotary_qk(q, k, cos, sin, self._liger)
+        if self.track_max_logit:
+            self._track(q, k, mask)
         y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
-class MLAttention(nn.Module):
+class MLAttention(LogitTracker, nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3), parameter names as HF `DeepseekV3Attention`.
 
     q = q_proj(x) or q_b_proj(norm(q_a_proj(x))); [c_kv, k_rope] = kv_a_proj_with_mqa(x); [k_nope, v] =
@@ -238,6 +287,17 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.v_dim, cfg.d_model, bias=False)
 
+    def qk_clip_scales(self, gamma: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Row factors that multiply head h's logits by gamma[h] (nh,), as Kimi K2's MuonClip: the head's
+        no-RoPE query and key rows by sqrt(gamma), its RoPE query rows by gamma; the RoPE key (kv_a_proj_with_mqa),
+        shared by all heads, and the values are untouched."""
+        gamma = gamma.float()
+        root = gamma.sqrt()
+        q_rows = torch.cat((root[:, None].expand(-1, self.nope), gamma[:, None].expand(-1, self.rope)), 1).reshape(-1)
+        kv_rows = torch.cat((root[:, None].expand(-1, self.nope), torch.ones(len(gamma), self.v_dim)), 1).reshape(-1)
+        q = self.q_proj.weight if self.q_lora_rank is None else self.q_b_proj.weight
+        return [(q, q_rows), (self.kv_b_proj.weight, kv_rows)]
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttnMask | None = None
     ) -> torch.Tensor:
@@ -253,5 +313,7 @@ class MLAttention(nn.Module):
         k_rope = apply_rotary(self.shared_key(k_rope).unsqueeze(1), cos, sin)  # (B, 1, T, rope), shared by all heads
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope)), dim=-1)
+        if self.track_max_logit:
+            self._track(q, k, mask)
         y = self.attention(self.backend, q, k, v, self.scale, mask, self._flash)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -24,11 +24,72 @@ DTYPES = ("auto", "fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+OPTIMIZERS = ("adamw", "muon")
+NS_DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class MuonConfig:
+    """Muon for the hidden 2-D weight matrices (`optim.muon`, used when optim.name=muon; the other parameters keep
+    AdamW with `optim.*`). Update = NS(nesterov momentum) * rms_scale * sqrt(max(fan_out, fan_in)), Moonlight's
+    scaling to AdamW's update RMS, so AdamW's lr and weight decay carry over."""
+
+    lr: float | None = None
+    """Muon's learning rate; null = optim.lr (the scaling makes AdamW's lr the right one). Same schedule."""
+    weight_decay: float | None = None
+    """Decoupled weight decay of the Muon matrices; null = optim.weight_decay."""
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    """Newton-Schulz iterations."""
+    ns_coefficients: list[float] = field(default_factory=lambda: [3.4445, -4.7750, 2.0315])
+    """Quintic Newton-Schulz coefficients (a, b, c) (Keller Jordan's, as torch.optim.Muon)."""
+    eps: float = 1e-7
+    """Added to the Frobenius norm that scales a matrix into Newton-Schulz's range."""
+    rms_scale: float = 0.2
+    """Moonlight's 0.2: the orthogonalized update times rms_scale * sqrt(max(fan_out, fan_in)) has AdamW's RMS."""
+    ns_dtype: str = "auto"
+    """Dtype of the Newton-Schulz iteration: auto (bf16 on accelerators, fp32 on CPU) | fp32 | bf16."""
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"optim.muon.lr={self.lr} must be > 0 (or null = optim.lr)")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.muon.momentum={self.momentum} must be in [0, 1)")
+        if not 1 <= self.ns_steps < 100:
+            raise ValueError(f"optim.muon.ns_steps={self.ns_steps} must be in [1, 99]")
+        if len(self.ns_coefficients) != 3:
+            raise ValueError(f"optim.muon.ns_coefficients={list(self.ns_coefficients)}: give three numbers a, b, c")
+        if self.rms_scale <= 0 or self.eps <= 0:
+            raise ValueError("optim.muon.rms_scale and optim.muon.eps must be > 0")
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"optim.muon.ns_dtype={self.ns_dtype!r}: choose one of {NS_DTYPES}")
+
+
+@dataclass
+class QKClipConfig:
+    """QK-clip (Kimi K2's MuonClip) and the `max_attn_logit` metric (`optim.qk_clip`; works with AdamW too)."""
+
+    enabled: bool = False
+    """After each applied update, rescale the query/key weights of every head whose largest pre-softmax logit in
+    the step exceeded `tau`, by tau / max (MLA: the head-specific parts only, never the shared rotary key)."""
+    tau: float = 100.0
+    """Logit threshold (Kimi K2: 100)."""
+    log_max_logit: bool = False
+    """Log `max_attn_logit` (and per layer) without clipping; always logged when `enabled`. Off: nothing is
+    computed (the attention kernels run untouched)."""
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"optim.qk_clip.tau={self.tau} must be > 0")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for hidden matrices + AdamW for the rest) and its learning-rate schedule."""
 
     name: str = "adamw"
+    """adamw | muon (Muon for the 2-D hidden matrices, AdamW with the settings below for everything else)."""
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of `lr` (cosine and WSD)."""
@@ -44,10 +105,12 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2
     """WSD: share of `train.max_steps` spent decaying at the end."""
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
 
     def __post_init__(self) -> None:
-        if self.name != "adamw":
-            raise ValueError(f"optim.name={self.name!r}: only adamw is available")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name={self.name!r}: choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r}: choose one of {SCHEDULES}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -559,6 +622,8 @@ class BenchRoot:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     """Kernels, loss and activation checkpointing of ours (compile and fp8 come from bench.compile / bench.fp8)."""
     bench: BenchConfig = field(default_factory=BenchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Our model's optimizer: adamw (torch's, lr 1e-4) or muon (`optim=muon`; the peer keeps AdamW)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelNode):  # moved keys were taken out by move_deprecated_keys

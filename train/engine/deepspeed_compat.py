@@ -13,6 +13,10 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
 - complete_universal_folder: `ds_to_universal` writes the model-state file under one name and no ZeRO-3 optimizer
   state.
 - fix_zero3_universal_load: ZeRO-3's universal load gives every group group 0's hyperparameters and one shared step.
+- zero_flat_layouts: where each parameter's elements sit in ZeRO's flat fp32 partitions (stage 1/2
+  `round_robin_bit16_groups` / `round_robin_bit16_offsets` / `partition_size` / `real_dp_process_group` /
+  `single_partition_of_fp32_groups`; stage 3 `fp16_groups` / `sub_group_process_groups` /
+  `fp32_partitioned_groups_flat`, `ds_tensor`, `partition_numel()`), read by Muon and QK-clip.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -117,6 +122,85 @@ def gate_optimizer_step(optimizer: torch.optim.Optimizer, step: Callable) -> Cal
     gated._wrapped_by_lr_sched = True
     optimizer.step = gated
     return inner
+
+
+# --- flat ZeRO partitions ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """A run of one parameter's elements held by one rank: `length` elements from `param_start` (in the
+    parameter's flattened order) at `offset` in that rank's flat partition."""
+
+    rank: int
+    offset: int
+    param_start: int
+    length: int
+
+
+@dataclass
+class FlatParam:
+    """One (model) parameter inside a flat fp32 partition."""
+
+    param: nn.Parameter
+    shape: torch.Size
+    segments: list[Segment]
+    lp_local: bool
+    """True (ZeRO-3): this rank's model copy is only its partition `param.ds_tensor` (flattened elements from
+    rank * partition_numel); False (ZeRO-1/2): the whole parameter."""
+    partition_numel: int = 0
+    """ZeRO-3: elements of the parameter per rank (the last rank's padded)."""
+
+
+@dataclass
+class FlatLayout:
+    """A flat fp32 master partition handed to the base optimizer as one `param`: which parameters it holds, over
+    which process group (all ranks, or an expert-data-parallel group) the flat buffer is partitioned."""
+
+    flat: torch.Tensor
+    group: object
+    world: int
+    rank: int
+    partition_numel: int
+    params: list[FlatParam] = field(default_factory=list)
+
+
+def zero_flat_layouts(ds_engine) -> list[FlatLayout]:
+    """The flat fp32 partitions of a ZeRO 1-3 engine and where every parameter's elements are in them (stage 1/2:
+    one per parameter group, parameters laid end to end, the flat buffer cut into equal rank partitions; stage 3:
+    one per sub-group, each parameter cut into equal rank partitions, the flat holding this rank's pieces)."""
+    import torch.distributed as dist
+
+    opt = ds_engine.optimizer
+    stage = ds_engine.zero_optimization_stage()
+    layouts = []
+    if stage in (1, 2):
+        for i, params in enumerate(opt.round_robin_bit16_groups):
+            group = opt.real_dp_process_group[i]
+            world, rank, ps = dist.get_world_size(group), dist.get_rank(group), int(opt.partition_size[i])
+            layout = FlatLayout(opt.single_partition_of_fp32_groups[i], group, world, rank, ps)
+            for p, offset in zip(params, opt.round_robin_bit16_offsets[i], strict=True):
+                n = p.numel()
+                segs = []
+                for r in range(offset // ps, (offset + n - 1) // ps + 1):
+                    lo, hi = max(offset, r * ps), min(offset + n, (r + 1) * ps)
+                    segs.append(Segment(r, lo - r * ps, lo - offset, hi - lo))
+                layout.params.append(FlatParam(p, p.shape, segs, lp_local=False))
+            layouts.append(layout)
+    elif stage == 3:
+        for i, params in enumerate(opt.fp16_groups):
+            group = opt.sub_group_process_groups[i]
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            flat = opt.fp32_partitioned_groups_flat[i]
+            layout = FlatLayout(flat, group, world, rank, flat.numel())
+            offset = 0
+            for p in params:
+                pn, n = p.partition_numel(), p.ds_numel
+                segs = [Segment(r, offset, r * pn, min(pn, n - r * pn)) for r in range(world) if n - r * pn > 0]
+                layout.params.append(FlatParam(p, p.ds_shape, segs, lp_local=True, partition_numel=pn))
+                offset += pn
+            layouts.append(layout)
+    return layouts
 
 
 # --- checkpoint files -------------------------------------------------------------------------------------------

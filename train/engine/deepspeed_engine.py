@@ -79,7 +79,12 @@ def deepspeed_config(
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, ds: DeepSpeedConfig, device: torch.device):
-    """AdamW with weight decay on matrices only; DeepSpeed's CPU Adam when optimizer states live on the CPU."""
+    """AdamW with weight decay on matrices only; DeepSpeed's CPU Adam when optimizer states live on the CPU.
+    optim.name=muon: Muon for the hidden matrices, AdamW for the rest (train/engine/muon.py)."""
+    if optim.name == "muon":
+        from train.engine.muon import build_muon_optimizer
+
+        return build_muon_optimizer(model, optim, device)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -144,6 +149,10 @@ def build_engine(
     )
     if tp_size > 1:
         adopt_vocab_parallel_head(engine.module)
+    if optim.name == "muon" and ds.zero_stage > 0:
+        from train.engine.deepspeed_compat import zero_flat_layouts
+
+        base_optimizer(engine).bind(zero_flat_layouts(engine))  # Newton-Schulz needs to find whole matrices
     return engine, optimizer, scheduler
 
 

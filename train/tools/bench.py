@@ -40,7 +40,7 @@ from model.flops import flops_per_token
 from model.hf import hf_architecture, hf_config, to_hf_state_dict
 from model.output import ModelOutput
 from model.transformer import Transformer, num_params
-from train.config import BenchConfig, BenchRoot, move_deprecated_keys
+from train.config import BenchConfig, BenchRoot, OptimConfig, move_deprecated_keys
 from train.engine.optimize import optimize_model
 from train.tools import CONFIGS
 from train.tools.bench_suite import find_max_micro_batch, overrides_from_argv, run_suite
@@ -66,9 +66,16 @@ def time_training(
     bc: BenchConfig,
     device: torch.device,
     bf16: bool,
+    optim: OptimConfig | None = None,
 ) -> tuple[float, float]:
-    """bc.warmup untimed then bc.steps timed AdamW steps on loss_fn(model); returns (timed seconds, first loss)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
+    """bc.warmup untimed then bc.steps timed optimizer steps (AdamW; `optim=muon`: Muon + AdamW) on loss_fn(model);
+    returns (timed seconds, first loss)."""
+    if optim is not None and optim.name == "muon":
+        from train.engine.muon import build_muon_optimizer
+
+        opt = build_muon_optimizer(model, dataclasses.replace(optim, lr=1e-4), device)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))
     start = first_loss = None
     for i in range(bc.warmup + bc.steps):
         if i == bc.warmup:
@@ -93,11 +100,12 @@ def measure(
     bc: BenchConfig,
     device: torch.device,
     bf16: bool,
+    optim: OptimConfig | None = None,
 ) -> dict:
     """Build a model inside a fresh peak-memory window, time it, print and return its JSON record."""
     base = _reset_peak_mem(device)
     model = build()
-    seconds, loss = time_training(model, loss_fn, bc, device, bf16)
+    seconds, loss = time_training(model, loss_fn, bc, device, bf16, optim)
     tps = bc.micro_batch_size * bc.seq_len * bc.steps / seconds
     result = {
         "impl": impl,
@@ -116,6 +124,7 @@ def measure(
     }
     if impl == "hangang":
         result.update(
+            optim=optim.name if optim is not None else "adamw",
             compile=bc.compile,
             fp8=bc.fp8,
             activation_checkpointing=ex.activation_checkpointing,
@@ -208,6 +217,7 @@ def run(root: BenchRoot) -> dict:
         bc,
         device,
         bf16,
+        root.optim,
     )
     summary = dict(ours, doc_masking=cfg.doc_masking, doc_len=bc.doc_len, peer=None, speedup=None)
     if bc.peer:

@@ -28,6 +28,7 @@ from train.callbacks.loggers import MetricsJsonl, Progress, Wandb
 from train.callbacks.moe import MoEBalance
 from train.callbacks.monitor import SpeedMonitor
 from train.callbacks.preemption import Preemption, PreemptionHandler
+from train.callbacks.qk_clip import QKClip
 from train.callbacks.stability import StabilityGuard
 from train.checkpoint.compat import check_compatible, model_meta, needs_universal
 from train.checkpoint.init_from_hf import HFInit, build_from_hf, plan_hf_init
@@ -38,6 +39,7 @@ from train.config import PretrainConfig
 from train.engine import distributed, expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine, deepspeed_config, resolve_dtype
 from train.engine.distributed import Dist
+from train.engine.muon import check_optimizer, row_scaler
 from train.engine.optimize import check_fp8, optimize_model
 from train.engine.pipeline import PipelineEngine
 from train.secrets import redact
@@ -129,6 +131,9 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         )
     if ex.fp8:
         check_fp8()
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and accelerator.has_accelerator())
+    check_optimizer(cfg.optim, cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer, bf16,
+                    parallel.tp, parallel.sp, parallel.pp, model.qk_norm)  # fmt: skip
     layout = make_layout(cfg.train.global_batch_tokens, cfg.train.seq_len, cfg.train.micro_batch_size, parallel.dp)
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     tag = latest_tag(ckpt_dir, cfg.checkpoint.verify_hashes)
@@ -294,6 +299,9 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
         components.append(MoEBalance(cfg.train.moe, cfg.train.max_steps))
     monitor = SpeedMonitor(loader.global_batch * cfg.train.seq_len, flops_per_token(plan.model, cfg.train.seq_len),
                            peak, d.world_size, base_mem_gb)  # fmt: skip
+    qk = cfg.optim.qk_clip
+    if qk.enabled or qk.log_max_logit:  # before the validator: its forwards must not count as the step's logits
+        components.append(QKClip(qk, row_scaler(ds_engine)))
     validator = Validator(cfg.train, val, val_sources)
     components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
                                                   cfg.checkpoint.preemption_grace_s, stop)]  # fmt: skip

@@ -1,0 +1,171 @@
+"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed
+ZeRO-STAGE on two real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
+
+Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
+micro-batches (mean loss), clips the full gradient and applies a plain per-matrix Muon (fp32 Newton-Schulz, written
+here independently of train/engine/muon.py) and torch's AdamW. After every step the full weights (experts gathered)
+must agree to 1e-5. The model is DeepSeek-style (MLA, shared + routed experts, MTP) with an untied output head, so
+every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
+
+`rows`: instead, QK-clip's row scaling of a query and a key weight reaches ZeRO's fp32 master copy ("OK rows STAGE EP").
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+STEPS = 4
+LR, WD = 2e-2, 0.1
+
+
+def model_config():
+    from model.config import ModelConfig, MoEConfig, MTPConfig
+
+    moe = MoEConfig(enabled=True, n_routed_experts=4, top_k=2, ffn_hidden=16, n_shared_experts=1, first_k_dense=1)
+    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=48,
+                       attention="mla", q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                       v_head_dim=8, tie_embeddings=False, moe=moe, mtp=MTPConfig(depth=1))  # fmt: skip
+
+
+def loss_of(out):
+    return out.ce_loss + 0.3 * out.mtp_losses.mean()
+
+
+def ns(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Reference Newton-Schulz of one matrix (torch.optim.Muon's, in fp32)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class ReferenceMuon:
+    """Per-matrix Muon on whole parameters; `views(name, p)` gives the 2-D matrices of a parameter."""
+
+    def __init__(self, named):
+        self.named, self.bufs = named, {n: torch.zeros_like(p) for n, p in named}
+
+    @staticmethod
+    def views(name, t):
+        if name.endswith("experts.gate_up_proj"):
+            E, two_h, d = t.shape
+            return list(t.view(E * 2, two_h // 2, d))
+        if name.endswith("experts.down_proj"):
+            return list(t)
+        return [t]
+
+    @torch.no_grad()
+    def step(self):
+        for name, p in self.named:
+            buf = self.bufs[name]
+            buf.lerp_(p.grad, 1 - 0.95)
+            u = p.grad.lerp(buf, 0.95)
+            p.mul_(1 - LR * WD)
+            for w, m in zip(self.views(name, p), self.views(name, u), strict=True):
+                w.add_(ns(m), alpha=-LR * 0.2 * math.sqrt(max(m.shape)))
+
+
+def check_row_scaler(engine, ref_state: dict) -> None:
+    """QK-clip's weight edit under ZeRO: scale some rows of a query and a key weight, take a step with a negligible
+    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones."""
+    from train.engine.deepspeed_engine import full_state_dict
+    from train.engine.muon import row_scaler
+
+    scale = row_scaler(engine)
+    attn = engine.module.layers[1].self_attn
+    edits = {"layers.1.self_attn.q_b_proj.weight": attn.q_b_proj.weight,
+             "layers.1.self_attn.kv_b_proj.weight": attn.kv_b_proj.weight}  # fmt: skip
+    want = dict(ref_state)
+    for name, param in edits.items():
+        rows = torch.ones(want[name].shape[0])
+        rows[3:7] = torch.tensor([0.5, 0.25, 2.0, 0.125])
+        scale(param, rows)
+        want[name] = want[name] * rows[:, None]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 1e-12
+    x = torch.randint(64, (2, 17))
+    engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
+    engine.step()
+    full = full_state_dict(engine)
+    if dist.get_rank() == 0:
+        for name, t in want.items():
+            torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def main() -> None:
+    import deepspeed
+
+    from model.config import ExecutionConfig
+    from model.transformer import Transformer
+    from train.config import DeepSpeedConfig, MuonConfig, OptimConfig, TrainConfig
+    from train.engine.deepspeed_engine import build_engine, full_state_dict
+    from train.engine.distributed import Dist
+    from train.engine.muon import split_params
+    from train.trainer.build import build_model
+    from train.trainer.layout import make_layout
+
+    stage, ep = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    rows_only = len(sys.argv) > 3 and sys.argv[3] == "rows"
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = dist.get_rank()
+    cfg = model_config()
+    optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, warmup_steps=0, schedule="constant",
+                        muon=MuonConfig(ns_dtype="fp32"))  # fmt: skip
+    model = build_model(cfg, ExecutionConfig(), ep_size=ep, seed=0, zero_stage=stage)
+    train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=2, max_steps=STEPS)
+    d = Dist(rank, 2, rank, 2, torch.device("cpu"))
+    engine, _, _ = build_engine(model, train, optim, DeepSpeedConfig(zero_stage=stage), make_layout(64, 16, 2, 2), d)
+
+    torch.manual_seed(0)
+    ref = Transformer(cfg, ExecutionConfig())  # same seed, same weights, every expert local
+    muon_names = {n for n, _, _ in split_params(ref)[0]}
+    params = dict(ref.named_parameters())
+    ref_muon = ReferenceMuon([(n, params[n]) for n in sorted(muon_names)])
+    adam = [p for n, p in params.items() if n not in muon_names]
+    ref_adam = torch.optim.AdamW([{"params": [p for p in adam if p.ndim >= 2], "weight_decay": WD},
+                                  {"params": [p for p in adam if p.ndim < 2], "weight_decay": 0.0}],
+                                 lr=LR, betas=(0.9, 0.95), eps=1e-8, foreach=False)  # fmt: skip
+    ref.train()
+    first = full_state_dict(engine)
+    if rank == 0:
+        for name, t in ref.state_dict().items():
+            torch.testing.assert_close(first[name], t, rtol=0, atol=0, msg=f"initial {name}")
+    if rows_only:
+        check_row_scaler(engine, ref.state_dict())
+        dist.barrier()
+        if rank == 0:
+            print(f"OK rows {stage} {ep}", flush=True)
+        dist.destroy_process_group()
+        return
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        batch = torch.randint(64, (2, 2, 17), generator=g)  # (rank, micro, T+1)
+        x = batch[rank]
+        engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
+        engine.step()
+        ref.zero_grad()
+        loss = sum(loss_of(ref(b[:, :-1], b[:, 1:])) for b in batch) / 2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), optim.grad_clip)
+        ref_muon.step()
+        ref_adam.step()
+        full = full_state_dict(engine)
+        if rank == 0:
+            assert set(full) == set(ref.state_dict()), set(full) ^ set(ref.state_dict())
+            for name, t in ref.state_dict().items():
+                torch.testing.assert_close(full[name], t, rtol=1e-5, atol=1e-5, msg=f"step {step + 1} {name}")
+    dist.barrier()
+    if rank == 0:
+        print(f"OK {stage} {ep}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
