@@ -6,7 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tokenizer.tokenizer import Tokenizer
+from data_pipeline.config import TokenizerRef
+from data_pipeline.text_tokenizer import load_tokenizer
 
 
 def run_config(run_dir: str | Path) -> dict:
@@ -20,8 +21,9 @@ def run_config(run_dir: str | Path) -> dict:
 def run_tokenizer(run_dir: str | Path, meta: dict):
     """The run's tokenizer, refusing one whose hash differs from what the checkpoint was trained with."""
 
-    path = run_config(run_dir)["tokenizer"]["path"]
-    tok = Tokenizer.from_dir(path)
+    ref = run_config(run_dir)["tokenizer"]
+    path = ref["path"]
+    tok = load_tokenizer(TokenizerRef(path, ref.get("loader") or TokenizerRef.loader))
     if tok.sha256 != meta["tokenizer_sha256"]:
         raise ValueError(
             f"tokenizer at {path} (sha256 {tok.sha256[:12]}…) is not the one this run was trained with "

@@ -14,12 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from data_pipeline.bom import bom_summary
 from data_pipeline.loader import DistributedBatchLoader, PackedSequences
 from data_pipeline.shards import read_manifest
+from data_pipeline.text_tokenizer import load_tokenizer
 from model import accelerator
 from model.attention import load_flash_attn
 from model.config import ExecutionConfig, ModelConfig
 from model.flops import flops_per_token
 from model.transformer import Transformer
-from tokenizer.tokenizer import Tokenizer
 from train.callbacks import faults
 from train.callbacks.base import Callback
 from train.callbacks.heartbeat import Heartbeat
@@ -55,6 +55,8 @@ class Plan:
     resume_tag: str | None
     load_universal: bool = False
     """The checkpoint was saved with another world size or ZeRO stage: load it through DeepSpeed's universal format."""
+    token_bytes: list[int] | None = None
+    """UTF-8 bytes of each token id's text (the tokenizer's `token_bytes()`), for val_bpb; None: not reported."""
 
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -65,7 +67,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         raise ValueError("set tokenizer.path=DIR: a tokenizer trained by `python -m tokenizer.train`")
     if not cfg.data.path:
         raise ValueError("set data.path=DIR: token shards written by `python -m data_pipeline.prepare`")
-    tok = Tokenizer.from_dir(cfg.tokenizer.path)
+    tok = load_tokenizer(cfg.tokenizer)
     manifest = read_manifest(cfg.data.path)
     if manifest["tokenizer"]["sha256"] != tok.sha256:
         raise ValueError(
@@ -124,7 +126,8 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
         universal = needs_universal(meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag)
-    return Plan(cfg, model, layout, manifest, tok.sha256, tag, universal)
+    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag, universal, token_bytes)
 
 
 def set_threads(cfg: PretrainConfig, local_world_size: int) -> None:
@@ -202,7 +205,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
         components.append(MoEBalance(cfg.train.moe, cfg.train.max_steps))
     monitor = SpeedMonitor(loader.global_batch * cfg.train.seq_len, flops_per_token(plan.model, cfg.train.seq_len),
                            peak, d.world_size, base_mem_gb)  # fmt: skip
-    validator = Validator(cfg.train, val, val_sources)
+    validator = Validator(cfg.train, val, val_sources, plan.token_bytes)
     components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
                                                   cfg.checkpoint.preemption_grace_s)]  # fmt: skip
     loggers: list[Callback] = []
