@@ -394,6 +394,23 @@ def _rank0() -> bool:
 
 
 @dataclass
+class InLoopEvalConfig:
+    """Evaluation inside the training run (`eval`): downstream multiple-choice tasks scored by log-likelihood on
+    the model being trained, without exporting (train/callbacks/downstream.py)."""
+
+    downstream: list[str] = field(default_factory=list)
+    """lm-eval multiple-choice tasks or groups, e.g. [kobest_copa, kobest_hellaswag]; logged as downstream/TASK/acc."""
+    downstream_every: int = 0
+    """Steps between downstream evaluations (also at the last step); 0 = train.eval_every."""
+    downstream_limit: int | None = 100
+    """Examples per task (the first ones of its test split); null = all."""
+
+    def __post_init__(self) -> None:
+        if self.downstream_every < 0 or (self.downstream_limit is not None and self.downstream_limit <= 0):
+            raise ValueError("eval.downstream_every must be >= 0 and eval.downstream_limit > 0 (or null = all)")
+
+
+@dataclass
 class PretrainConfig:
     """Root of `configs/train.yaml`."""
 
@@ -409,6 +426,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelNode):  # from Hydra; moved keys were taken out by move_deprecated_keys

@@ -22,6 +22,7 @@ from model.flops import flops_per_token
 from model.transformer import Transformer
 from train.callbacks import faults
 from train.callbacks.base import Callback
+from train.callbacks.downstream import DownstreamEval
 from train.callbacks.heartbeat import Heartbeat
 from train.callbacks.loggers import MetricsJsonl, Progress, Wandb
 from train.callbacks.moe import MoEBalance
@@ -206,7 +207,12 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     monitor = SpeedMonitor(loader.global_batch * cfg.train.seq_len, flops_per_token(plan.model, cfg.train.seq_len),
                            peak, d.world_size, base_mem_gb)  # fmt: skip
     validator = Validator(cfg.train, val, val_sources, plan.token_bytes)
-    components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
+    components += [monitor, validator]
+    if cfg.eval.downstream:  # after validation: both add to the same step's metrics
+        every = cfg.eval.downstream_every or cfg.train.eval_every
+        components.append(DownstreamEval(cfg.eval, every, cfg.train.max_steps, load_tokenizer(cfg.tokenizer),
+                                         plan.model.max_seq_len, cfg.train.micro_batch_size))  # fmt: skip
+    components += [Preemption(list(cfg.checkpoint.preemption_signals),
                                                   cfg.checkpoint.preemption_grace_s)]  # fmt: skip
     loggers: list[Callback] = []
     if d.is_main:
