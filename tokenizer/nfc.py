@@ -87,3 +87,10 @@ def add_nfc_normalizer(model_bytes: bytes) -> bytes:
     spec.name = RULE_NAME
     spec.precompiled_charsmap = nfc_charsmap()
     return proto.SerializeToString(deterministic=True)
+
+
+def has_nfc_map(model_path: str | Path) -> bool:
+    """Whether a tokenizer.model carries this NFC map (trained by this version of tokenizer.train)."""
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    return proto.normalizer_spec.name == RULE_NAME and bool(proto.normalizer_spec.precompiled_charsmap)

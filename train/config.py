@@ -453,13 +453,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportOptions:
+    """`export.*`: what the exported model directory says about itself."""
+
+    license: str | None = None
+    """License of the released weights, written into the model card (README.md front matter and text), e.g.
+    apache-2.0 or cc-by-sa-4.0 (choose one compatible with the data licenses the card lists); null = not set."""
+
+
+@dataclass
 class ExportConfig:
-    """Root of `configs/export.yaml`: `python -m train.export run.dir=DIR out=HF_DIR`."""
+    """Root of `configs/export.yaml`: `python -m train.export run.dir=DIR out=HF_DIR [export.license=ID]`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     out: str = "???"
     tag: str | None = None
     """Checkpoint tag to export; null = latest."""
+    export: ExportOptions = field(default_factory=ExportOptions)
 
 
 @dataclass

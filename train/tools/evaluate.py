@@ -6,6 +6,7 @@ follows one in the training shards), and scored in non-overlapping windows of `e
 train.seq_len): every token of the file is predicted once. The last line printed is one JSON object keyed by file
 path: {"tokens": N, "loss": L, "ppl": P, "bytes": B, "bpb": b}, with N the file's token count, L the mean loss in
 nats per token, B the UTF-8 bytes of the file's text and b = N * L / ln 2 / B, which compares across tokenizers.
+The results are also merged into RUN_DIR/evaluate.json, which the model card of `train.export` reports.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def main(raw: DictConfig) -> None:
         cfg: EvaluateConfig = to_object_strict(raw)
         e = cfg.eval
         results = evaluate_files(cfg.run.dir, list(e.text_files), e.seq_len, e.batch_size, e.device)
+        # Kept beside the run for the model card (train.export), merged with earlier files' results.
+        saved = Path(cfg.run.dir) / "evaluate.json"
+        before = json.loads(saved.read_text()) if saved.is_file() else {}
+        saved.write_text(json.dumps({**before, **results}, indent=2, ensure_ascii=False))
     print(json.dumps(results, ensure_ascii=False))
 
 

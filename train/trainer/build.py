@@ -218,6 +218,11 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float) -> t
     if d.is_main:
         resolved = write_run_files(plan, raw)
         run_dir = Path(cfg.run.dir)
+        # What ran the job, for the model card's hardware and device-hours (train.export); rewritten on resume.
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "0")) or None
+        hardware = {"device": accelerator.device_name(d.device), "device_type": d.device.type,
+                    "world_size": d.world_size, "nodes": nodes}  # fmt: skip
+        (run_dir / "hardware.json").write_text(json.dumps(hardware, indent=2))
         loggers.append(MetricsJsonl(run_dir))
         if cfg.logging.wandb.mode != "disabled":
             loggers.append(Wandb(cfg.logging, run_dir, {**resolved, "data_bom": bom_summary(plan.manifest)},
