@@ -105,6 +105,8 @@ def test_kobest_runs_offline_to_the_hand_computed_accuracy(trained_run):
         assert r["n"] == limit and r["metric"] == "acc" and saved[f"kobest_{task}"]["score"] == r["score"]
         hand, _ = _hand_accuracy(trained_run / "hf", task, limit)
         assert r["score"] == pytest.approx(hand), task
+    # The scores also went to the run's (offline) W&B run.
+    assert any(b"lm_eval/kobest_copa/acc" in f.read_bytes() for f in (trained_run / "wandb").rglob("*.wandb"))
 
 
 @pytest.mark.slow
