@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tokenizer ablation by model quality at equal training FLOPs (BENCHMARKS.md, issue 18).
-#   bash launch/ablation_tokenizer.sh [OUT_DIR=runs/ablation_tok] [BASE_STEPS=120]
+#   bash launch/ablation_tokenizer.sh [OUT_DIR=runs/ablation_tok] [BASE_STEPS=120] [EVAL_SEQUENCES=100000]
+# PARALLEL=1 trains the four models at once (one thread each).
 # Tokenizers: ko64k as shipped (pieces may span spaces), ko64k with SentencePiece's default splits, Polyglot-Ko's
 # tokenizer.json (../shared/reference_tokenizers/polyglot-ko, through tokenizer.adapters:HFTokenizer), ko128k.
 # Each prepares configs/data/ablation_tok.yaml with its tokenizer and trains the same small model; steps =
@@ -9,6 +10,8 @@
 set -euo pipefail
 OUT=${1:-runs/ablation_tok}
 BASE_STEPS=${2:-120}
+EVAL_SEQUENCES=${3:-100000}
+PARALLEL=${PARALLEL:-0}
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
@@ -50,8 +53,8 @@ for name in ko64k ko64k_default_splits polyglot_ko ko128k; do
   fi
 done
 base=$(flops "${TOKDIR[ko64k]}" $SP)
-for name in ko64k ko64k_default_splits polyglot_ko ko128k; do
-  [ -f "$OUT/runs/$name/summary.json" ] && continue
+train_one() {
+  local name=$1 f steps
   f=$(flops "${TOKDIR[$name]}" "${LOADER[$name]}")
   steps=$($PY -c "print(round($BASE_STEPS * $base / $f))")
   echo "=== train $name: $f FLOPs/token, $steps steps"
@@ -59,10 +62,16 @@ for name in ko64k ko64k_default_splits polyglot_ko ko128k; do
   $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m train.pretrain $MODEL \
     tokenizer.path="${TOKDIR[$name]}" tokenizer.loader=${LOADER[$name]} data.path="$OUT/data/$name" \
     run.dir="$OUT/runs/$name" train.max_steps="$steps" train.seq_len=$SEQ train.global_batch_tokens=2048 \
-    train.micro_batch_size=16 train.eval_every=100000 train.eval_sequences=100000 optim.lr=3e-3 optim.warmup_steps=10 \
-    checkpoint.every_steps=0 deepspeed.zero_stage=0 deepspeed.heartbeat=false train.spike.window=0 \
+    train.micro_batch_size=16 train.eval_every=100000 train.eval_sequences=$EVAL_SEQUENCES optim.lr=3e-3 \
+    optim.warmup_steps=10 checkpoint.every_steps=0 deepspeed.zero_stage=0 deepspeed.heartbeat=false \
+    train.spike.window=0 train.threads_per_rank=$([ "$PARALLEL" = 1 ] && echo 1 || echo 0) \
     logging.wandb.mode=disabled logging.progress=false > "$OUT/train_$name.log" 2>&1
   tail -n 1 "$OUT/runs/$name/metrics.jsonl" > "$OUT/runs/$name/summary.json"
   echo "$f $steps" > "$OUT/runs/$name/flops_steps.txt"
+}
+for name in ko64k ko64k_default_splits polyglot_ko ko128k; do
+  [ -f "$OUT/runs/$name/summary.json" ] && continue
+  if [ "$PARALLEL" = 1 ]; then train_one $name & else train_one $name; fi
 done
+wait
 $PY -m train.report "$OUT/runs" out="$OUT/report"

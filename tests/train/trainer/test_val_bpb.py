@@ -37,7 +37,6 @@ def test_val_bpb_is_logged_and_exact(trained_run, tiny_tokenizer, tiny_data):
             nats += F.cross_entropy(model(x).logits.double().flatten(0, 1), y.flatten(), reduction="sum").item()
             nbytes += int(table[y].sum())
     assert math.isclose(val[-1]["val_bpb"], nats / math.log(2) / nbytes, rel_tol=1e-4)
-    # W&B (offline) got the same keys.
+    # W&B (offline) got the same keys (other offline runs there may be later additions, e.g. lm_eval's scores).
     wandb_files = list((trained_run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert wandb_files and all(b"val_bpb" in f.read_bytes() for f in wandb_files)
-    assert any(b"val_bpb/" in f.read_bytes() for f in wandb_files)
+    assert any(b"val_bpb" in f.read_bytes() and b"val_bpb/" in f.read_bytes() for f in wandb_files)
