@@ -24,13 +24,34 @@ def _bool(v: str) -> int:
 
 ROWS = {
     "boolq": ("BoolQ", lambda r: {"paragraph": r["Text"], "question": r["Question"], "label": _bool(r["Answer"])}),
-    "copa": ("COPA", lambda r: {"premise": r["sentence"], "question": r["question"], "alternative_1": r["1"],
-                                "alternative_2": r["2"], "label": int(r["Answer"]) - 1}),  # fmt: skip
-    "hellaswag": ("HellaSwag", lambda r: {"context": r["context"], **{f"ending_{i}": r[f"choice{i}"] for i in range(1, 5)},
-                                          "label": int(r["label"])}),  # fmt: skip
+    "copa": (
+        "COPA",
+        lambda r: {
+            "premise": r["sentence"],
+            "question": r["question"],
+            "alternative_1": r["1"],
+            "alternative_2": r["2"],
+            "label": int(r["Answer"]) - 1,
+        },
+    ),  # fmt: skip
+    "hellaswag": (
+        "HellaSwag",
+        lambda r: {
+            "context": r["context"],
+            **{f"ending_{i}": r[f"choice{i}"] for i in (1, 2, 3, 4)},
+            "label": int(r["label"]),
+        },
+    ),
     "sentineg": ("SentiNeg", lambda r: {"sentence": r["Text"], "label": int(r["Label"])}),
-    "wic": ("WiC", lambda r: {"word": r["Target"], "context_1": r["SENTENCE1"], "context_2": r["SENTENCE2"],
-                              "label": _bool(r["ANSWER"])}),  # fmt: skip
+    "wic": (
+        "WiC",
+        lambda r: {
+            "word": r["Target"],
+            "context_1": r["SENTENCE1"],
+            "context_2": r["SENTENCE2"],
+            "label": _bool(r["ANSWER"]),
+        },
+    ),
 }
 
 
