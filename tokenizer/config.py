@@ -21,6 +21,9 @@ class TokenizerConfig:
     name: str = "ko8k"
     path: str | None = None
     """Directory of a trained tokenizer (tokenizer.model, tokenizer.json, ...); used by prepare and train."""
+    loader: str = "tokenizer.tokenizer:Tokenizer.from_dir"
+    """`module:callable` loading `path` (data_pipeline/text_tokenizer.py's TextTokenizer); e.g.
+    `tokenizer.hf_tokenizer:load_any` for a Hugging Face tokenizer.json (ablations)."""
     vocab_size: int = 8192
     """Total entries including special and byte-fallback tokens; a multiple of 128."""
     model_type: str = "bpe"

@@ -15,6 +15,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from tokenizer.nfc import RULE_NAME as NFC_RULE_NAME
+
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 HF_NO_MAX_LENGTH = int(1e30)
 """transformers' own "no limit known" value of model_max_length."""
@@ -30,7 +32,7 @@ def load_model_proto(model_path: str | Path) -> spm_pb2.ModelProto:
     norm = proto.normalizer_spec
     # Anything else (NFKC tables, dummy prefix, whitespace folding) would need its own HF normalizer.
     if (
-        norm.name != "identity"
+        norm.name not in ("identity", NFC_RULE_NAME)  # NFC_RULE_NAME: NFC as a precompiled map, which HF's NFC covers
         or norm.add_dummy_prefix
         or norm.remove_extra_whitespaces
         or not norm.escape_whitespaces

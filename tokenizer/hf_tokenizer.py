@@ -15,6 +15,22 @@ from tokenizer.tokenizer import MODEL_FILE, Tokenizer
 EXTENSION_FILE = "hangang_extension.json"
 """Written by `tokenizer.extend`: the base vocabulary size and each added piece's base tokenization."""
 
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+"""End-of-text tokens looked up among the added tokens when no tokenizer_config.json names one (Polyglot-Ko)."""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
 
 class HFTextTokenizer:
     """tokenizer.json (and tokenizer_config.json for the special tokens) of an HF directory; picklable."""
@@ -44,6 +60,12 @@ class HFTextTokenizer:
             tok = conf.get(key)
             tok = tok.get("content") if isinstance(tok, dict) else tok
             special[key] = self._tok.token_to_id(tok) if tok else None
+        spec = json.loads(data)
+        self._added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        if special["eos_token"] is None:
+            names = {t["content"]: i for i, t in self._added.items()}
+            special["eos_token"] = next((names[n] for n in EOS_NAMES if n in names), None)
         self._special = special
 
     def __getstate__(self) -> dict:
@@ -100,6 +122,24 @@ class HFTextTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for: special tokens 0; byte-level pieces one byte per character; others
+        their text (bits per byte in validation; see tokenizer.Tokenizer.token_bytes)."""
+        table = _byte_decoder() if self._byte_level else None
+        out = []
+        for i in range(self.vocab_size):
+            added = self._added.get(i)
+            piece = self._tok.id_to_token(i)
+            if added is not None:
+                out.append(0 if added.get("special") else len(added["content"].encode("utf-8")))
+            elif piece is None:
+                out.append(0)
+            elif table is not None:
+                out.append(sum(1 if c in table else len(c.encode("utf-8")) for c in piece))
+            else:
+                out.append(len(self._tok.decode([i]).encode("utf-8")))
+        return out
 
     def extension(self) -> dict | None:
         """The `tokenizer.extend` record of this directory, or None for an unextended tokenizer."""

@@ -127,6 +127,22 @@ class Tokenizer:
         """Text of ids; control pieces (pad, bos, eos) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id adds to `decode`'s text: control pieces 0, byte pieces 1, others their text with
+        `▁` read as a space. Decoding concatenates pieces (no dummy prefix is stripped), so for any ids
+        sum(token_bytes()[i] for i in ids) == len(decode(ids).encode()) (bits per byte in validation)."""
+        out = []
+        for i in range(self.vocab_size):
+            if self._sp.is_control(i):
+                out.append(0)
+            elif self._sp.is_byte(i):
+                out.append(1)
+            elif self._sp.is_unknown(i):
+                out.append(len(self._sp.decode([i]).encode("utf-8")))
+            else:
+                out.append(len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
+        return out
+
     def id_to_piece(self, i: int) -> str:
         """The vocabulary entry of an id (for inspection)."""
         return self._sp.id_to_piece(int(i))

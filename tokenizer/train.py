@@ -31,6 +31,7 @@ from data_pipeline.sources import check_licenses
 from tokenizer.config import TokenizerConfig, TokenizerTrainRoot
 from tokenizer.hf import write_hf_files
 from tokenizer.morph import MorphemeCutter
+from tokenizer.nfc import add_nfc_normalizer
 from tokenizer.report import build_report
 from tokenizer.sampling import held_out_texts, plan, training_texts
 from tokenizer.tokenizer import (
@@ -151,7 +152,8 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | P
         _log(f"trained {cfg.model_type} vocab {cfg.vocab_size} in {time.perf_counter() - start:.1f} s")
         # Replace atomically, so a reader never sees a half-written model.
         tmp_model = out / (MODEL_FILE + ".tmp")
-        tmp_model.write_bytes(canonical_model_bytes(Path(tmp) / "tokenizer.model"))
+        # NFC compiled into the model's normalizer: raw sentencepiece then encodes NFD text as training did.
+        tmp_model.write_bytes(add_nfc_normalizer(canonical_model_bytes(Path(tmp) / "tokenizer.model")))
         os.replace(tmp_model, out / MODEL_FILE)
     write_hf_files(out / MODEL_FILE, out)
     _log(f"wrote {out}")
@@ -167,7 +169,8 @@ def _train_sentencepiece(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> No
         character_coverage=cfg.character_coverage,
         byte_fallback=cfg.byte_fallback,
         split_digits=cfg.split_digits,
-        # We apply NFC ourselves and keep every whitespace, so decode(encode(x)) == NFC(x).
+        # We apply NFC ourselves (and compile it into the model afterwards, tokenizer/nfc.py) and keep every
+        # whitespace, so decode(encode(x)) == NFC(x).
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,

@@ -513,6 +513,23 @@ def _rank0() -> bool:
 
 
 @dataclass
+class InLoopEvalConfig:
+    """Evaluation inside the training run (`eval`): downstream multiple-choice tasks scored by log-likelihood on
+    the model being trained, without exporting (train/callbacks/downstream.py)."""
+
+    downstream: list[str] = field(default_factory=list)
+    """lm-eval multiple-choice tasks or groups, e.g. [kobest_copa, kobest_hellaswag]; logged as downstream/TASK/acc."""
+    downstream_every: int = 0
+    """Steps between downstream evaluations (also at the last step); 0 = train.eval_every."""
+    downstream_limit: int | None = 100
+    """Examples per task (the first ones of its test split); null = all."""
+
+    def __post_init__(self) -> None:
+        if self.downstream_every < 0 or (self.downstream_limit is not None and self.downstream_limit <= 0):
+            raise ValueError("eval.downstream_every must be >= 0 and eval.downstream_limit > 0 (or null = all)")
+
+
+@dataclass
 class PretrainConfig:
     """Root of `configs/train.yaml`."""
 
@@ -529,6 +546,7 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    eval: InLoopEvalConfig = field(default_factory=InLoopEvalConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelNode):  # from Hydra; moved keys were taken out by move_deprecated_keys
@@ -555,13 +573,23 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportOptions:
+    """`export.*`: what the exported model directory says about itself."""
+
+    license: str | None = None
+    """License of the released weights, written into the model card (README.md front matter and text), e.g.
+    apache-2.0 or cc-by-sa-4.0 (choose one compatible with the data licenses the card lists); null = not set."""
+
+
+@dataclass
 class ExportConfig:
-    """Root of `configs/export.yaml`: `python -m train.export run.dir=DIR out=HF_DIR`."""
+    """Root of `configs/export.yaml`: `python -m train.export run.dir=DIR out=HF_DIR [export.license=ID]`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     out: str = "???"
     tag: str | None = None
     """Checkpoint tag to export; null = latest."""
+    export: ExportOptions = field(default_factory=ExportOptions)
 
 
 @dataclass

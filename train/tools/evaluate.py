@@ -1,8 +1,12 @@
-"""`python -m train.evaluate run.dir=DIR eval.text_files=[a.txt,b.txt]`: loss and perplexity of text files.
+"""`python -m train.evaluate run.dir=DIR eval.text_files=[a.txt,b.txt]`: loss, perplexity and bits per byte of text
+files.
 
-Each file is tokenized with the run's tokenizer and scored in non-overlapping windows of `eval.seq_len` (default:
-the run's train.seq_len), every token after the first predicted once. The last line printed is one JSON object
-keyed by file path: {"tokens": N, "loss": L, "ppl": P}, with N the file's token count.
+Each file is tokenized with the run's tokenizer, preceded by the tokenizer's eos (as every document but the first
+follows one in the training shards), and scored in non-overlapping windows of `eval.seq_len` (default: the run's
+train.seq_len): every token of the file is predicted once. The last line printed is one JSON object keyed by file
+path: {"tokens": N, "loss": L, "ppl": P, "bytes": B, "bpb": b}, with N the file's token count, L the mean loss in
+nats per token, B the UTF-8 bytes of the file's text and b = N * L / ln 2 / B, which compares across tokenizers.
+The results are also merged into RUN_DIR/evaluate.json, which the model card of `train.export` reports.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ def score_ids(model, ids: list[int], seq_len: int, batch_size: int, device: torc
     return total, count
 
 
+def text_metrics(model, tok, text: str, seq_len: int, batch_size: int, device: torch.device) -> dict:
+    """tokens, loss (nats per token), ppl, bytes (UTF-8 bytes of `text`) and bpb of one text, every token predicted
+    once, the first after the tokenizer's eos."""
+    ids = tok.encode(text)
+    total, count = score_ids(model, [tok.eos_id, *ids], seq_len, batch_size, device)
+    nbytes = len(text.encode("utf-8"))
+    loss = total / count if count else float("nan")
+    return {
+        "tokens": len(ids),
+        "loss": loss,
+        "ppl": math.exp(loss) if count else float("nan"),
+        "bytes": nbytes,
+        "bpb": total / math.log(2) / nbytes if nbytes and count else float("nan"),
+    }
+
+
 def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_size: int, device: str) -> dict:
     """Per-file and overall next-token loss of the run's latest checkpoint on plain-text files."""
     missing = [f for f in files if not Path(f).is_file()]
@@ -61,11 +81,9 @@ def evaluate_files(run_dir: str, files: list[str], seq_len: int | None, batch_si
     seq_len = seq_len or run_config(run_dir)["train"]["seq_len"]
     results = {}
     for f in files:
-        ids = tok.encode(Path(f).read_text(encoding="utf-8"))
-        total, count = score_ids(model, ids, seq_len, batch_size, dev)
-        loss = total / count if count else float("nan")
-        results[f] = {"tokens": len(ids), "loss": loss, "ppl": math.exp(loss) if count else float("nan")}
-        print(f"[evaluate] {f}: {len(ids)} tokens, loss {loss:.4f}, ppl {results[f]['ppl']:.2f}", file=sys.stderr)
+        results[f] = r = text_metrics(model, tok, Path(f).read_text(encoding="utf-8"), seq_len, batch_size, dev)
+        print(f"[evaluate] {f}: {r['tokens']} tokens, loss {r['loss']:.4f}, ppl {r['ppl']:.2f}, bpb {r['bpb']:.4f}",
+              file=sys.stderr)  # fmt: skip
     return results
 
 
@@ -75,6 +93,10 @@ def main(raw: DictConfig) -> None:
         cfg: EvaluateConfig = to_object_strict(raw)
         e = cfg.eval
         results = evaluate_files(cfg.run.dir, list(e.text_files), e.seq_len, e.batch_size, e.device)
+        # Kept beside the run for the model card (train.export), merged with earlier files' results.
+        saved = Path(cfg.run.dir) / "evaluate.json"
+        before = json.loads(saved.read_text()) if saved.is_file() else {}
+        saved.write_text(json.dumps({**before, **results}, indent=2, ensure_ascii=False))
     print(json.dumps(results, ensure_ascii=False))
 
 

@@ -1,9 +1,12 @@
 """`python -m train.lm_eval run.dir=DIR tasks=[ko_nsmc_sentiment]`: lm-evaluation-harness on a run's export, offline.
 
 Exports the run's latest checkpoint to RUN_DIR/hf (unless present and current), evaluates it with
-lm-evaluation-harness through transformers, and writes RUN_DIR/lm_eval.json ({task: {"score", "metric", "metrics",
-"n"}}), which `train.report` shows. Tasks shipped with the repo (train/lm_eval_tasks/*.yaml, data under data/eval/)
-are found by name; any harness task whose data is available locally works too.
+lm-evaluation-harness through transformers, writes RUN_DIR/lm_eval.json ({task: {"score", "metric", "metrics",
+"n"}}), which `train.report` and the model card show, and adds the scores to the run's W&B run
+(`lm_eval/TASK/METRIC`). Tasks shipped with the repo (train/lm_eval_tasks/, data under data/eval/) are found by
+name: ko_nsmc_sentiment, and KoBEST (`kobest` = kobest_boolq, kobest_copa, kobest_hellaswag, kobest_sentineg,
+kobest_wic: the harness's own definitions read from data/eval/kobest/, no network); any harness task whose data is
+available locally works too.
 """
 
 from __future__ import annotations
@@ -19,21 +22,12 @@ from omegaconf import DictConfig
 
 from data_pipeline.cli import to_object_strict, user_errors
 from model.accelerator import device_type
+from train.callbacks.downstream import shipped_task_names, shipped_tasks
 from train.checkpoint import latest_tag
 from train.config import LmEvalConfig
 from train.tools import CONFIGS
 from train.tools.export import export
-
-REPO = Path(__file__).resolve().parents[2]
-TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
-EVAL_DATA = REPO / "data" / "eval"
-
-
-def shipped_tasks(out_dir: Path) -> Path:
-    """Copy the repo's task YAMLs with their data paths made absolute (the harness resolves them from cwd)."""
-    for src in TASKS_DIR.glob("*.yaml"):
-        (out_dir / src.name).write_text(src.read_text().replace("DATA_DIR", str(EVAL_DATA)))
-    return out_dir
+from train.tools.run_dir import run_config
 
 
 def ensure_export(run_dir: Path) -> Path:
@@ -62,9 +56,7 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
         manager = TaskManager(include_path=str(shipped_tasks(Path(tmp))))
         unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
         if unknown:
-            raise ValueError(
-                f"unknown lm-eval task(s) {unknown}: shipped tasks are {[p.stem for p in TASKS_DIR.glob('*.yaml')]}"
-            )
+            raise ValueError(f"unknown lm-eval task(s) {unknown}: shipped tasks are {shipped_task_names()}")
         results = simple_evaluate(
             model="hf",
             model_args=f"pretrained={hf},dtype=float32",
@@ -79,6 +71,8 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
             torch_random_seed=0,
         )
     out = {}
+    n_samples = results["n-samples"]
+    subtasks = results.get("group_subtasks", {})
     for task, metrics in results["results"].items():
         clean = {
             k.split(",")[0]: v
@@ -90,10 +84,32 @@ def run_lm_eval(cfg: LmEvalConfig) -> dict:
             "score": clean.get(main),
             "metric": main,
             "metrics": clean,
-            "n": results["n-samples"][task]["effective"],
+            # A group (kobest) has no count of its own: the sum of its tasks'.
+            "n": n_samples[task]["effective"]
+            if task in n_samples
+            else sum(n_samples[t]["effective"] for t in subtasks.get(task, []) if t in n_samples),
         }
     (run_dir / "lm_eval.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    log_to_wandb(run_dir, out)
     return out
+
+
+def log_to_wandb(run_dir: Path, out: dict) -> None:
+    """Add the scores to the run's own W&B run (same id, the run's mode; offline runs land in RUN_DIR/wandb/) as
+    summary values `lm_eval/TASK/METRIC`; nothing when the run had W&B disabled."""
+    w = run_config(run_dir).get("logging", {}).get("wandb", {})
+    id_file = run_dir / "wandb_run_id.txt"
+    if w.get("mode", "disabled") == "disabled" or not id_file.is_file():
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=w.get("project"), entity=w.get("entity"), mode=w["mode"], dir=str(run_dir),
+                     id=id_file.read_text().strip(), resume="allow")  # fmt: skip
+    for task, r in out.items():
+        for metric, value in r["metrics"].items():
+            run.summary[f"lm_eval/{task}/{metric}"] = value
+    run.finish()
 
 
 @hydra.main(config_path=CONFIGS, config_name="lm_eval", version_base="1.3")

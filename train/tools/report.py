@@ -3,9 +3,11 @@
 The Hydra spelling is `runs=[DIR1,DIR2] out=REPORT_DIR` (configs/report.yaml, schema `ReportRoot`).
 
 Writes REPORT_DIR/report.md (a table per run: the settings that differ, final and best validation loss, per-source
-validation loss, tokens seen, tokens/s, MFU, peak memory, wall time, downstream scores), loss curves of all runs
-overlaid by step and by tokens (loss_by_step.png, loss_by_tokens.png), and a note when runs are not comparable
-(different data, tokenizer or token budget). Failed sweep jobs are listed with their error.
+validation loss, validation bits per byte overall and per source, tokens seen, tokens/s, MFU, peak memory, wall time,
+downstream scores), loss curves of all runs overlaid by step and by tokens (loss_by_step.png, loss_by_tokens.png),
+and a note when runs are not comparable (different data, tokenizer or token budget). Runs whose tokenizers differ are
+ranked by final validation bits per byte (`val_bpb`), which compares across tokenizers where nats per token do not;
+the report says so. Failed sweep jobs are listed with their error.
 """
 
 from __future__ import annotations
@@ -138,13 +140,23 @@ def _identity(run: Run) -> dict:
     return out
 
 
+def tokenizers_differ(runs: list[Run]) -> bool:
+    return len({_identity(r)["tokenizer"] for r in runs}) > 1
+
+
 def comparability_notes(runs: list[Run]) -> list[str]:
     ids = [_identity(r) for r in runs]
     notes = []
     for what in ("data", "tokenizer", "token budget"):
         values = {i[what] for i in ids}
         if len(values) > 1:
-            notes.append(f"Runs are not comparable: they differ in {what} ({', '.join(map(str, sorted(values)))}).")
+            if what == "tokenizer":
+                notes.append(
+                    f"Runs use different tokenizers ({', '.join(map(str, sorted(values)))}): their losses in nats per "
+                    "token are not comparable; they are ranked by final validation bits per byte (val_bpb), which is."
+                )
+            else:
+                notes.append(f"Runs are not comparable: they differ in {what} ({', '.join(map(str, sorted(values)))}).")
     return notes
 
 
@@ -154,11 +166,17 @@ def summarize(run: Run) -> dict:
     mfus = [r["mfu"] for r in train[1:] if r.get("mfu") is not None] or [
         r["mfu"] for r in train if r.get("mfu") is not None
     ]
-    per_source = {k.split("/", 1)[1]: v for k, v in (val[-1] if val else {}).items() if k.startswith("val_loss/")}
+    last = val[-1] if val else {}
+    per_source = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
+    bpb_source = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_bpb/")}
+    bpbs = [r["val_bpb"] for r in val if r.get("val_bpb") is not None]
     return {
         "final_val": val[-1]["val_loss"] if val else None,
         "best_val": min(r["val_loss"] for r in val) if val else None,
+        "final_bpb": last.get("val_bpb"),
+        "best_bpb": min(bpbs) if bpbs else None,
         "per_source": per_source,
+        "per_source_bpb": bpb_source,
         "tokens": train[-1]["tokens"] if train else 0,
         "tokens_per_s": sum(rates) / len(rates) if rates else None,
         "mfu": sum(mfus) / len(mfus) if mfus else None,
@@ -218,14 +236,18 @@ def table_lines(runs: list[Run], sums: list[dict]) -> list[str]:
     """The comparison table (Markdown): one row per run, the differing settings first."""
     cols = columns(runs)
     sources = sorted({s for x in sums for s in x["per_source"]})
+    bpb_sources = sorted({s for x in sums for s in x["per_source_bpb"]})
     tasks = sorted({t for r in runs for t in r.downstream})
-    head = ["run", *cols, "final val", "best val", *[f"val {s}" for s in sources], *tasks]
+    head = ["run", *cols, "final val", "best val", *[f"val {s}" for s in sources], "final val bpb", "best val bpb"]
+    head += [*[f"bpb {s}" for s in bpb_sources], *tasks]
     head += ["tokens", "tokens/s", "MFU", "peak GB", "wall s"]
     values = [column_values(runs, c) for c in cols]
     lines = ["| " + " | ".join(map(md_cell, head)) + " |", "|" + "---|" * len(head)]
     for i, (run, s) in enumerate(zip(runs, sums, strict=True)):
         cells = [run.path.name, *[v[i] for v in values], _fmt(s["final_val"]), _fmt(s["best_val"])]
         cells += [_fmt(s["per_source"].get(src)) for src in sources]
+        cells += [_fmt(s["final_bpb"]), _fmt(s["best_bpb"])]
+        cells += [_fmt(s["per_source_bpb"].get(src)) for src in bpb_sources]
         cells += [_fmt(run.downstream.get(t, {}).get("score")) for t in tasks]
         cells += [_fmt(s["tokens"]), _fmt(s["tokens_per_s"]), _fmt(s["mfu"], 3), _fmt(s["peak_mem_gb"], 3)]
         cells += [_fmt(s["wall_s"])]
@@ -254,6 +276,9 @@ def write_report(paths: list[str], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sums = [summarize(r) for r in runs]
+    if tokenizers_differ(runs):  # nats per token do not compare across tokenizers; bits per byte do
+        order = sorted(range(len(runs)), key=lambda i: (sums[i]["final_bpb"] is None, sums[i]["final_bpb"] or 0.0))
+        runs, sums = [runs[i] for i in order], [sums[i] for i in order]
     lines = ["# Run comparison", "", f"{len(runs)} runs: {', '.join(str(r.path) for r in runs)}", ""]
     lines += [f"> {n}" for n in comparability_notes(runs)] + [""]
     lines += table_lines(runs, sums)

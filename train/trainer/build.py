@@ -23,6 +23,7 @@ from model.transformer import Transformer
 from tokenizer.hf_tokenizer import load_any
 from train.callbacks import faults
 from train.callbacks.base import Callback
+from train.callbacks.downstream import DownstreamEval
 from train.callbacks.heartbeat import Heartbeat
 from train.callbacks.loggers import MetricsJsonl, Progress, Wandb
 from train.callbacks.moe import MoEBalance
@@ -65,6 +66,8 @@ class Plan:
     """The checkpoint was saved with another world size or ZeRO stage: load it through DeepSpeed's universal format."""
     hf_init: HFInit | None = None
     """init.from_hf: the base model's weights and how they map (used when no checkpoint is resumed)."""
+    token_bytes: list[int] | None = None
+    """UTF-8 bytes of each token id's text (the tokenizer's `token_bytes()`), for val_bpb; None: not reported."""
 
 
 def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
@@ -150,7 +153,8 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
             meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp
         )
         check_data_unchanged(ckpt_dir / tag, manifest, cfg)
-    return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal, hf_init)
+    token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
+    return Plan(cfg, model, layout, manifest, tok.sha256, tag, parallel, universal, hf_init, token_bytes)
 
 
 def lock_run_dir(cfg: PretrainConfig) -> RunLock | None:
@@ -302,13 +306,22 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
     qk = cfg.optim.qk_clip
     if qk.enabled or qk.log_max_logit:  # before the validator: its forwards must not count as the step's logits
         components.append(QKClip(qk, row_scaler(ds_engine)))
-    validator = Validator(cfg.train, val, val_sources)
-    components += [monitor, validator, Preemption(list(cfg.checkpoint.preemption_signals),
-                                                  cfg.checkpoint.preemption_grace_s, stop)]  # fmt: skip
+    validator = Validator(cfg.train, val, val_sources, plan.token_bytes)
+    components += [monitor, validator]
+    if cfg.eval.downstream:  # after validation: both add to the same step's metrics
+        every = cfg.eval.downstream_every or cfg.train.eval_every
+        components.append(DownstreamEval(cfg.eval, every, cfg.train.max_steps, load_any(cfg.tokenizer.path),
+                                         plan.model.max_seq_len, cfg.train.micro_batch_size))  # fmt: skip
+    components.append(Preemption(list(cfg.checkpoint.preemption_signals), cfg.checkpoint.preemption_grace_s, stop))
     loggers: list[Callback] = []
     if d.is_main:
         resolved = write_run_files(plan, raw)
         run_dir = Path(cfg.run.dir)
+        # What ran the job, for the model card's hardware and device-hours (train.export); rewritten on resume.
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "0")) or None
+        hardware = {"device": accelerator.device_name(d.device), "device_type": d.device.type,
+                    "world_size": d.world_size, "nodes": nodes}  # fmt: skip
+        (run_dir / "hardware.json").write_text(json.dumps(hardware, indent=2))
         resume_step = (step_of(plan.resume_tag) or 0) if plan.resume_tag else 0
         metrics = MetricsJsonl(run_dir, resume_step)
         loggers.append(metrics)

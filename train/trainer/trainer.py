@@ -47,7 +47,8 @@ class Trainer:
                        "tokens": self.loader.consumed * t.seq_len, **result.parts}  # fmt: skip
             self.callbacks.post_step(result, metrics)
             metrics["elapsed_s"] = self.elapsed()
-            if self.step % self.log_every == 0 or "val_loss" in metrics or self.step == t.max_steps or result.skipped:
+            evaluated = "val_loss" in metrics or any(k.startswith("downstream/") for k in metrics)
+            if self.step % self.log_every == 0 or evaluated or self.step == t.max_steps or result.skipped:
                 self.log(metrics)
             rollbacks = self._rollbacks
             self.callbacks.step_end(self.step)
