@@ -6,7 +6,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tokenizer.hf_tokenizer import HFTextTokenizer, load_any
 
-TEXTS = ["대한민국 법원은 판결을 선고한다.", "영화가 정말 재미있어요!! 10점 만점", "def f(x):\n    return x + 1", "naïve café"]
+TEXTS = [
+    "대한민국 법원은 판결을 선고한다.",
+    "영화가 정말 재미있어요!! 10점 만점",
+    "def f(x):\n    return x + 1",
+    "naïve café",
+]
 
 
 def byte_level_dir(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from model import accelerator
 from model.config import ModelConfig
 from model.flops import activated_params
 
@@ -97,7 +98,8 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
             f"{meta.get('world_size', '-')} processes"]  # fmt: skip
     if hardware and elapsed is not None:
         hours = elapsed * hardware["world_size"] / 3600
-        unit = "GPU-hours" if hardware.get("device_type") == "cuda" else f"{hardware.get('device_type')} device-hours"
+        kind = hardware.get("device_type") or "cpu"
+        unit = "GPU-hours" if accelerator.is_accelerator(kind) else f"{kind} device-hours"
         nodes = f" on {hardware['nodes']} nodes" if hardware.get("nodes") else ""
         out += [f"- hardware: {hardware['world_size']} x {hardware['device']}{nodes}",
                 f"- training wall time {elapsed / 3600:.3g} h: **{hours:.3g} {unit}** (x processes)"]  # fmt: skip
