@@ -341,15 +341,25 @@ class HFWeights:
         """Rows [start, stop) along dim 0 (elements of a 1-D tensor), read without loading the rest."""
         return self._slice(key)[start:stop]
 
+    def cols(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop) along dim 1 of a 2-D tensor, read without loading the rest."""
+        return self._slice(key)[:, start:stop]
+
 
 class Source:
-    """Where one of our parameters lies in an HF checkpoint: `rows(a, b)` gives its rows [a, b) along dim 0."""
+    """Where one of our parameters lies in an HF checkpoint: `rows(a, b)` gives its rows [a, b) along dim 0,
+    `part(dim, a, b)` its slice [a, b) along dim (a tensor-parallel shard)."""
 
     shape: tuple[int, ...]
     keys: tuple[str, ...]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if dim == 0:
+            return self.rows(start, stop)
+        raise NotImplementedError(f"{type(self).__name__} of {self.keys[0]}: slices along dim {dim}")
 
 
 class Rows(Source):
@@ -365,6 +375,12 @@ class Rows(Source):
         idx = self.perm[start:stop]
         lo, hi = int(idx.min()), int(idx.max()) + 1  # a permutation within heads: a small window around [a, b)
         return self.w.rows(self.key, lo, hi)[idx - lo]
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if dim == 1 and len(self.shape) == 2:
+            cols = self.w.cols(self.key, start, stop)
+            return cols if self.perm is None else cols[self.perm]
+        return super().part(dim, start, stop)
 
 
 class Stacked(Source):
@@ -493,8 +509,18 @@ def hf_sources(
 
 
 def load_hf_state_dict(sources: dict[str, Source]) -> dict[str, torch.Tensor]:
-    """Every source read whole (single-process loading; ZeRO-3 reads only each rank's slice instead)."""
+    """Every source read whole (single-process loading; ZeRO-3 and tensor parallelism read only each rank's
+    slices instead)."""
     return {name: src.rows(0, src.shape[0]) for name, src in sources.items()}
+
+
+def part_reader(sources: dict[str, Source]) -> Callable[[str, int, int, int], torch.Tensor]:
+    """read(name, dim, a, b): our parameter `name` restricted to [a, b) along dim, reading only that slice."""
+
+    def read(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        return sources[name].part(dim, start, stop)
+
+    return read
 
 
 def flat_reader(sources: dict[str, Source]) -> Callable[[str, int, int], torch.Tensor]:

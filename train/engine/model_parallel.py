@@ -54,6 +54,33 @@ def init_tensor_parallel(tp_size: int):
     return groups
 
 
+def shard_tensor_parallel(model: nn.Module, tp_size: int) -> None:
+    """AutoTP with this plan applied now, before deepspeed.initialize (which then has nothing left to shard):
+    init.from_hf builds the model on the meta device and shards it here, so each rank allocates and reads only its
+    own shards (train/engine/zero_load.py). Collective the first time (creates the tensor-parallel groups)."""
+    from train.engine.deepspeed_compat import autotp_before_initialize
+
+    init_tensor_parallel(tp_size)
+    autotp_before_initialize(model, tensor_parallel_config(tp_size))
+
+
+def tensor_parallel_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """For each sharded parameter of an AutoTP model: (dim, start, stop), the slice of the whole tensor this rank
+    holds (column-parallel weights and biases and the vocabulary-parallel embedding / head: dim 0; row-parallel
+    weights: dim 1). Replicated parameters are absent."""
+    from deepspeed.utils import groups
+
+    from train.engine.deepspeed_compat import autotp_slice
+
+    rank = groups.get_tensor_model_parallel_rank()
+    out = {}
+    for name, p in model.named_parameters():
+        part = autotp_slice(p, rank)
+        if part is not None:
+            out[name] = part
+    return out
+
+
 def prepare_tensor_parallel(model: nn.Module) -> None:
     """Before deepspeed.initialize: AutoTP's vocabulary-parallel head installs its own loss on `loss_function`
     (a Hugging Face hook); ours is computed by the head itself (`adopt_vocab_parallel_head`), so give it a slot."""

@@ -1,6 +1,6 @@
 """init.from_hf with a vocabulary extension (tokenizer.extend): base ids and rows kept, new rows the mean of the
 base rows of each new piece's base tokenization, vocabulary a multiple of 128; errors for vocabularies that do
-not match the weights; ZeRO-3 loading on two real ranks equal to a single-process load."""
+not match the weights; ZeRO-3 and tensor-parallel loading on two real ranks equal to a single-process load."""
 
 from __future__ import annotations
 
@@ -114,6 +114,20 @@ def test_zero3_loading_equals_single_process_load(tmp_path):
     for family in families:
         make_tiny_base(tmp_path / family, family)
     worker = "tests.train.checkpoint.hf_zero3_worker"
+    proc = run_module(
+        "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
+    )
+    assert "OK" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_loading_equals_single_rank_load(tmp_path):
+    """tp 2: each rank reads only its shards (tied vocabulary-parallel embedding, Qwen2 biases, Qwen3 QK-norm, MLA
+    and MoE); the same parameters, logits and loss as a single-process load (hf_tp_worker)."""
+    families = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM")
+    for family in families:
+        make_tiny_base(tmp_path / family, family)
+    worker = "tests.train.checkpoint.hf_tp_worker"
     proc = run_module(
         "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
     )
