@@ -34,10 +34,14 @@ TP_PARTITION = {
             "partition_type": "column",
         },
         {"patterns": [r".*\.(o_proj|down_proj)\.weight$"], "partition_type": "row"},
+        # Qwen3's per-head q/k RMSNorm weights are replicated but each rank normalises only its heads: AutoTP sums
+        # their gradients over the tensor-parallel group.
+        {"patterns": [r".*\.(q_norm|k_norm)\.weight$"], "partition_type": "skip", "grad_allreduce": True},
     ],
 }
 """AutoTP's partition plan for our parameter names (DeepSpeed `tensor_parallel.partition_config`). Router
-weights are named `gate.weight` and MLA latents `q_a_proj` / `kv_a_proj_with_mqa`: no pattern, so replicated."""
+weights are named `gate.weight` and MLA latents `q_a_proj` / `kv_a_proj_with_mqa`: no pattern, so replicated;
+the q/k norms are replicated too, with their gradient summed over the group."""
 
 
 def tensor_parallel_config(tp_size: int) -> dict:

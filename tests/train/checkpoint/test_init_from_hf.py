@@ -135,6 +135,30 @@ def test_tensor_parallel_loading_equals_single_rank_load(tmp_path):
 
 
 @pytest.mark.slow
+def test_pretrain_from_hf_with_tensor_parallel_trains_like_one_rank(en_tokenizer, tmp_path):
+    """A Qwen3 base (per-head QK-norm, replicated but fed by each rank's heads only) trained 5 steps with tp 2
+    gives the losses of one rank: the norms' gradients are summed over the tensor-parallel group."""
+    from data_pipeline.prepare import prepare
+    from tests.helpers import sample_data_config
+
+    base = tmp_path / "base"
+    make_tiny_base(base, "Qwen3ForCausalLM", tokenizer=str(en_tokenizer))
+    data = tmp_path / "data"
+    prepare(sample_data_config(max_docs_per_source=100, val_fraction=0.1), load_any(base), str(base), data,
+            log=lambda m: None)  # fmt: skip
+    runs = {}
+    for nproc, extra in ((1, ()), (2, ("parallel.tp_size=2",))):
+        runs[nproc] = tmp_path / f"run{nproc}"
+        argv = train_args(base, data, runs[nproc], "deepspeed.zero_stage=1", f"init.from_hf={base}", "optim.lr=1e-2",
+                          "train.max_steps=5", "train.eval_every=0", "checkpoint.every_steps=0", *extra)  # fmt: skip
+        run_module("torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train.pretrain", *argv)
+    got, want = losses(runs[2]), losses(runs[1])
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step, value in want.items():
+        assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
+
+
+@pytest.mark.slow
 def test_pretrain_from_extended_upscaled_base_under_zero3_and_export(base_and_ext, tmp_path):
     """2 ranks, ZeRO-3: a Qwen2 base, its Korean extension and depth up-scaling 4 -> 6 layers; the loss falls,
     meta.json names the base, train.export writes a Qwen2ForCausalLM that transformers loads."""
