@@ -19,7 +19,7 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
   `fp32_partitioned_groups_flat`, `ds_tensor`, `partition_numel()`), read by Muon and QK-clip.
 - autotp_before_initialize: the engine's AutoTP pass (`_apply_autotp_partitioning`, partition_config branch) run
   early on a meta model; AutoTP skips a layer marked `replaced`; `TensorParallel_Layer.move` keeps meta tensors.
-- autotp_slice: each AutoTP parameter's `ds_autotp_uc_meta` (universal-checkpoint metadata: partition_dim,
+- autotp_slice: each AutoTP parameter's `DS_AUTOTP_UC_META` attribute (universal-checkpoint metadata: partition_dim,
   partition_sizes, replicated) says which slice of the whole tensor a rank holds.
 """
 
