@@ -118,14 +118,14 @@ def plan_hf_init(init: InitConfig, user_model: ModelConfig, tok, tokenizer_path:
 def build_from_hf(info: HFInit, execution: ExecutionConfig, dispatcher, ds_config: dict | None,
                   seq_shard=None, tp_size: int = 1) -> nn.Module:  # fmt: skip
     """The model of `info` filled with the HF weights; ds_config (ZeRO-3 jobs) builds it partitioned, each rank
-    reading only its partitions' rows. Expert-parallel ranks read only their experts. tp_size > 1 (without ZeRO-3)
-    returns it already sharded by AutoTP, each rank having read only the rows or columns of its shards and the
-    replicated tensors (under ZeRO-3, AutoTP reshards the partitions in deepspeed.initialize instead)."""
-    tp = tp_size if ds_config is None else 1
+    reading only its partitions' rows. Expert-parallel ranks read only their experts. tp_size > 1 returns it
+    already sharded by AutoTP, each rank having read only the rows or columns of its shards and the replicated
+    tensors; ds_config is then unused (under ZeRO-3, deepspeed.initialize partitions those shards further over the
+    data-parallel ranks, as for a randomly initialised tensor-parallel model)."""
     module = zero_load.construct(
-        lambda: Transformer(info.model, execution, dispatcher, seq_shard, random_init=False), ds_config, tp
+        lambda: Transformer(info.model, execution, dispatcher, seq_shard, random_init=False), ds_config, tp_size
     )
-    if tp > 1:
+    if tp_size > 1:
         zero_load.load_tensor_parallel(module, part_reader(info.sources()))
         return module
     read = flat_reader(info.sources())

@@ -1,8 +1,8 @@
 """Building a model whose weights come from files, each rank reading only what it holds: under ZeRO-3 the model
 is constructed partitioned (`deepspeed.zero.Init`) and every parameter's local partition is filled from its own
-slice of the source, so no rank ever holds the whole model. Under tensor parallelism (without ZeRO-3) it is built
-on the meta device and sharded by AutoTP there; only then are this rank's shards allocated and filled, each from
-its own rows or columns of the source. Otherwise each rank fills its full replica.
+slice of the source, so no rank ever holds the whole model. Under tensor parallelism (with or without ZeRO-3) it is
+built on the meta device and sharded by AutoTP there; only then are this rank's shards allocated and filled, each
+from its own rows or columns of the source. Otherwise each rank fills its full replica.
 
 Why meta + early AutoTP for tensor parallelism: AutoTP normally shards inside deepspeed.initialize, after the
 optimizer is built and the model moved to its device, so the whole model would have to exist (and be read) on every
@@ -24,24 +24,25 @@ PartReader = Callable[[str, int, int, int], torch.Tensor]
 
 
 def construct(build: Callable[[], nn.Module], ds_config: dict | None, tp_size: int = 1) -> nn.Module:
-    """build() as is; or (ds_config of a ZeRO-3 job) inside `deepspeed.zero.Init`: each module's parameters are
-    partitioned over the ranks as soon as it is built (at most one module's full weights exist at a time); or
-    (tp_size > 1 without ZeRO-3) on the meta device, sharded by AutoTP, then only this rank's shards allocated
-    (uninitialised: fill them with `load_tensor_parallel`). Collective when it creates process groups."""
+    """tp_size > 1: built on the meta device, sharded by AutoTP, then only this rank's shards allocated
+    (uninitialised: fill them with `load_tensor_parallel`; under ZeRO-3 too, whose engine partitions the shards
+    over the data-parallel ranks). Otherwise, with ds_config (a ZeRO-3 job), inside `deepspeed.zero.Init`: each
+    module's parameters are partitioned over the ranks as soon as it is built (at most one module's full weights
+    exist at a time); else build() as is. Collective when it creates process groups."""
+    if tp_size > 1:
+        from train.engine.model_parallel import shard_tensor_parallel
+
+        with torch.device("meta"):
+            module = build()
+        shard_tensor_parallel(module, tp_size)
+        materialize(module, torch.device("cpu"))
+        return module
     if ds_config is not None:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return build()
-    if tp_size == 1:
-        return build()
-    from train.engine.model_parallel import shard_tensor_parallel
-
-    with torch.device("meta"):
-        module = build()
-    shard_tensor_parallel(module, tp_size)
-    materialize(module, torch.device("cpu"))
-    return module
+    return build()
 
 
 def materialize(module: nn.Module, device: torch.device) -> None:

@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node 2 -m tests.train.checkpoint.hf_tp_worker HF_DIR [HF_DIR...]`: init.from_hf with
-tensor parallelism 2 on two real ranks (gloo, ZeRO-1). For each base: the model is built sharded by AutoTP and each
-rank reads only its slices; every parameter must equal its slice of a single-process load, the elements a rank read
+tensor parallelism 2 on two real ranks (gloo), under ZeRO-1 and ZeRO-3. For each base: the model is built sharded
+by AutoTP and each rank reads only its slices; every parameter must equal its slice of a single-process load, the elements a rank read
 from the safetensors must be exactly those it holds, and the two ranks' slices must tile every sharded tensor once;
 after deepspeed.initialize the logits and the first step's loss must equal the single-process model's (1e-5).
 Prints "OK" on rank 0 when every check passed.
@@ -41,12 +41,12 @@ def count_reads() -> None:
     HFWeights.rows, HFWeights.cols = counted(rows), counted(cols)
 
 
-def check(hf_dir: str) -> None:
+def check(hf_dir: str, stage: int) -> None:
     from model.config import ExecutionConfig
     from tokenizer.hf_tokenizer import load_any
     from train.checkpoint import init_from_hf
     from train.config import DeepSpeedConfig, InitConfig, OptimConfig, TrainConfig
-    from train.engine.deepspeed_engine import build_engine
+    from train.engine.deepspeed_engine import build_engine, deepspeed_config
     from train.engine.distributed import Dist
     from train.engine.model_parallel import tensor_parallel_slices
     from train.trainer.layout import make_layout
@@ -54,8 +54,13 @@ def check(hf_dir: str) -> None:
     rank = dist.get_rank()
     tok = load_any(hf_dir) if _has_tok(hf_dir) else _Tok()
     info = init_from_hf.plan_hf_init(InitConfig(from_hf=hf_dir), _user_model(), tok, hf_dir)
+    seq = 32
+    layout = make_layout(2 * seq, seq, 2, 1)
+    ds = DeepSpeedConfig(zero_stage=stage, backend="gloo")
+    # The trainer passes a ZeRO-3 config for zero.Init; under tensor parallelism it is unused (the shards are built).
+    ds_config = deepspeed_config(ds, OptimConfig(), layout, torch.float32, tp_size=2) if stage == 3 else None
     READ["n"] = 0
-    model = init_from_hf.build_from_hf(info, ExecutionConfig(), None, None, tp_size=2)
+    model = init_from_hf.build_from_hf(info, ExecutionConfig(), None, ds_config, tp_size=2)
     read = READ["n"]
     reference = init_from_hf.build_from_hf(info, ExecutionConfig(), None, None).eval()  # single-process load
     ref = reference.state_dict()
@@ -83,9 +88,7 @@ def check(hf_dir: str) -> None:
     total = sum(t.numel() for n, t in ref.items() if not (n == "lm_head.weight" and info.model.tie_embeddings))
 
     d = Dist(rank=rank, world_size=2, local_rank=rank, local_world_size=2, device=torch.device("cpu"))
-    seq = 32
-    engine, _, _ = build_engine(model, TrainConfig(seq_len=seq, dtype="fp32"), OptimConfig(),
-                                DeepSpeedConfig(zero_stage=1, backend="gloo"), make_layout(2 * seq, seq, 2, 1), d,
+    engine, _, _ = build_engine(model, TrainConfig(seq_len=seq, dtype="fp32"), OptimConfig(), ds, layout, d,
                                 tp_size=2)  # fmt: skip
     engine.eval()
     gen = torch.Generator().manual_seed(0)
@@ -100,7 +103,7 @@ def check(hf_dir: str) -> None:
     reads = [None, None]
     dist.all_gather_object(reads, read)
     if rank == 0:
-        print(f"{hf_dir}: elements read per rank {reads} of {total}; loss {got_loss.item():.6f} "
+        print(f"{hf_dir}, ZeRO-{stage}: elements read per rank {reads} of {total}; loss {got_loss.item():.6f} "
               f"(single process {want_loss.item():.6f})", flush=True)  # fmt: skip
 
 
@@ -156,7 +159,8 @@ def main(argv: list[str]) -> None:
         return
     count_reads()
     for hf_dir in argv:
-        check(hf_dir)
+        for stage in (1, 3):
+            check(hf_dir, stage)
     dist.barrier()
     if dist.get_rank() == 0:
         print("OK", flush=True)

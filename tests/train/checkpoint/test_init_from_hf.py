@@ -122,8 +122,9 @@ def test_zero3_loading_equals_single_process_load(tmp_path):
 
 @pytest.mark.slow
 def test_tensor_parallel_loading_equals_single_rank_load(tmp_path):
-    """tp 2: each rank reads only its shards (tied vocabulary-parallel embedding, Qwen2 biases, Qwen3 QK-norm, MLA
-    and MoE); the same parameters, logits and loss as a single-process load (hf_tp_worker)."""
+    """tp 2 under ZeRO-1 and ZeRO-3: each rank reads only its shards (tied vocabulary-parallel embedding, Qwen2
+    biases, Qwen3 QK-norm, MLA and MoE); the same parameters, logits and loss as a single-process load
+    (hf_tp_worker)."""
     families = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM")
     for family in families:
         make_tiny_base(tmp_path / family, family)
