@@ -1,9 +1,9 @@
 """`torchrun --nproc_per_node 2 -m tests.train.checkpoint.hf_tp_worker HF_DIR [HF_DIR...]`: init.from_hf with
 tensor parallelism 2 on two real ranks (gloo), under ZeRO-1 and ZeRO-3. For each base: the model is built sharded
-by AutoTP and each rank reads only its slices; every parameter must equal its slice of a single-process load, the elements a rank read
-from the safetensors must be exactly those it holds, and the two ranks' slices must tile every sharded tensor once;
-after deepspeed.initialize the logits and the first step's loss must equal the single-process model's (1e-5).
-Prints "OK" on rank 0 when every check passed.
+by AutoTP and each rank reads only its slices; every parameter must equal its slice of a single-process load, the
+elements a rank read from the safetensors must be exactly those it holds, and the two ranks' slices must tile every
+sharded tensor once; after deepspeed.initialize the logits and the first step's loss must equal the single-process
+model's (1e-5). Prints "OK" on rank 0 when every check passed.
 
 `--rss DIR [--whole]` (any number of processes, tp = world size): builds a 0.2B-parameter Llama base in DIR once,
 loads it and prints each rank's peak RSS before and after loading (BENCHMARKS.md). `--whole`: every rank builds and
