@@ -322,6 +322,12 @@ class HFWeights:
     def keys(self) -> set[str]:
         return set(self.where)
 
+    def close(self) -> None:
+        """Unmap the files read so far (the next read maps them again). safetensors reads through mmap, and the
+        file pages a read touches stay in this process's resident memory while the file is mapped: closing after
+        each tensor keeps at most one tensor's pages resident beside the model."""
+        self._open.clear()
+
     def _slice(self, key: str):
         from safetensors import safe_open
 
@@ -352,6 +358,7 @@ class Source:
 
     shape: tuple[int, ...]
     keys: tuple[str, ...]
+    w: HFWeights
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
@@ -405,7 +412,7 @@ class ExtendedRows(Source):
     CHUNK = 8192
 
     def __init__(self, base: Source, new: list[list[int]], vocab_size: int) -> None:
-        self.base, self.new = base, new
+        self.base, self.new, self.w = base, new, base.w
         self.n_base = base.shape[0]
         if self.n_base + len(new) > vocab_size:
             raise ValueError(f"{self.n_base} base rows + {len(new)} new pieces exceed model.vocab_size={vocab_size}")
@@ -518,7 +525,11 @@ def part_reader(sources: dict[str, Source]) -> Callable[[str, int, int, int], to
     """read(name, dim, a, b): our parameter `name` restricted to [a, b) along dim, reading only that slice."""
 
     def read(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        return sources[name].part(dim, start, stop)
+        src = sources[name]
+        try:
+            return src.part(dim, start, stop)
+        finally:
+            src.w.close()
 
     return read
 
@@ -532,6 +543,9 @@ def flat_reader(sources: dict[str, Source]) -> Callable[[str, int, int], torch.T
         for d in src.shape[1:]:
             per_row *= d
         r0, r1 = start // per_row, -(-stop // per_row)
-        return src.rows(r0, r1).reshape(-1)[start - r0 * per_row : stop - r0 * per_row]
+        try:
+            return src.rows(r0, r1).reshape(-1)[start - r0 * per_row : stop - r0 * per_row]
+        finally:
+            src.w.close()
 
     return read

@@ -5,8 +5,8 @@ elements a rank read from the safetensors must be exactly those it holds, and th
 sharded tensor once; after deepspeed.initialize the logits and the first step's loss must equal the single-process
 model's (1e-5). Prints "OK" on rank 0 when every check passed.
 
-`--rss DIR [--whole]` (any number of processes, tp = world size): builds a 0.2B-parameter Llama base in DIR once,
-loads it and prints each rank's peak RSS before and after loading (BENCHMARKS.md). `--whole`: every rank builds and
+`--rss DIR [--whole]` (any number of processes, tp = world size): the first run writes a 0.16B-parameter Llama base
+to DIR and stops; later runs load it and print each rank's peak RSS before and after loading (BENCHMARKS.md). `--whole`: every rank builds and
 reads the whole model, as init.from_hf did under tensor parallelism before (AutoTP then shards it in
 deepspeed.initialize)."""
 
@@ -111,8 +111,16 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def rss_anon_gb() -> float:
+    """This process's anonymous resident memory now (not the safetensors file pages it has mapped)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def rss(out: str, whole: bool) -> None:
-    """Peak RSS of loading a 0.2B-parameter Llama (d 1024, 8 layers, vocabulary 32,000, untied head; 0.8 GB fp32)."""
+    """Peak RSS of loading a 0.16B-parameter Llama (d 1024, 8 layers, vocabulary 32,000, untied head; 0.64 GB fp32)."""
     import transformers
 
     from model.config import ExecutionConfig
@@ -120,7 +128,9 @@ def rss(out: str, whole: bool) -> None:
     from train.config import InitConfig
 
     base = Path(out)
-    if dist.get_rank() == 0 and not (base / "model.safetensors").is_file():
+    if not (base / "model.safetensors").is_file():  # written apart: building it would raise this process's peak
+        if dist.get_rank() != 0:
+            return
         config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
                                           max_position_embeddings=256, tie_word_embeddings=False,
@@ -132,20 +142,19 @@ def rss(out: str, whole: bool) -> None:
             for p in model.parameters():
                 p.normal_(0, 0.02)
         model.save_pretrained(base, safe_serialization=True)
-        del model
-    dist.barrier()
-    tok = _Tok()
-    tok.vocab_size = 32000
-    info = init_from_hf.plan_hf_init(InitConfig(from_hf=str(base)), _user_model(), tok, str(base))
+        print(f"base written to {base}: run again to measure", flush=True)
+        return
+    info = init_from_hf.plan_hf_init(InitConfig(from_hf=str(base)), _user_model(), _Tok(), str(base))
     before = peak_rss_gb()
     tp = 1 if whole else dist.get_world_size()
     model = init_from_hf.build_from_hf(info, ExecutionConfig(), None, None, tp_size=tp)
     n = sum(p.numel() for p in model.parameters())
     peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, (round(before, 3), round(peak_rss_gb(), 3), n))
+    dist.all_gather_object(peaks, (round(before, 3), round(peak_rss_gb(), 3), round(rss_anon_gb(), 3), n))
     if dist.get_rank() == 0:
         mode = "whole model on every rank" if whole else f"tp {tp}"
-        print(f"{mode}: per rank (peak RSS GB before load, after load, parameters held) {peaks}", flush=True)
+        print(f"{mode}: per rank (peak RSS GB before load, after load, anonymous RSS GB after load, parameters held) "
+              f"{peaks}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
