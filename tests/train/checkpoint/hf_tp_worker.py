@@ -6,9 +6,9 @@ sharded tensor once; after deepspeed.initialize the logits and the first step's 
 model's (1e-5). Prints "OK" on rank 0 when every check passed.
 
 `--rss DIR [--whole]` (any number of processes, tp = world size): the first run writes a 0.16B-parameter Llama base
-to DIR and stops; later runs load it and print each rank's peak RSS before and after loading (BENCHMARKS.md). `--whole`: every rank builds and
-reads the whole model, as init.from_hf did under tensor parallelism before (AutoTP then shards it in
-deepspeed.initialize)."""
+to DIR and stops; later runs load it and print each rank's peak RSS before and after loading, and its anonymous
+RSS after (BENCHMARKS.md). `--whole`: every rank builds and reads the whole model, as init.from_hf did under tensor
+parallelism before (AutoTP then shards it in deepspeed.initialize)."""
 
 from __future__ import annotations
 
