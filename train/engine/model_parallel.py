@@ -3,11 +3,12 @@
 Tensor parallelism is DeepSpeed AutoTP (`"tensor_parallel": {"autotp_size": N}`) with a partition plan for our
 parameter names: attention projections (GQA q/k/v, MLA q_b/kv_b) and the gate/up projections of the dense MLP and
 the shared experts are column-parallel, o_proj and down_proj row-parallel; MLA's small latent projections
-(q_a, kv_a), the router and the norms stay replicated; routed experts stay expert-parallel (train/engine/
-expert_parallel.py). The embedding and the output head are vocabulary-parallel (AutoTP's `vocab_parallel_lm_head`;
-a tied embedding shares the head's shard) and the loss is DeepSpeed's vocabulary-parallel cross-entropy on each
-rank's logit shard: the (B, T, V) logits are never gathered in training. DeepSpeed reduces gradients over the
-data-parallel group (world / tp) and counts replicated parameters once in the gradient norm.
+(q_a, kv_a), the router and the norms stay replicated (the per-head q/k norms with their gradient summed over the
+group); routed experts stay whole (expert parallelism is train/engine/expert_parallel.py). The output head is
+vocabulary-parallel (AutoTP's `vocab_parallel_lm_head`; a tied embedding shares the head's shard, an untied one
+stays replicated) and the loss is DeepSpeed's vocabulary-parallel cross-entropy on each rank's logit shard: the
+(B, T, V) logits are never gathered in training. DeepSpeed reduces gradients over the data-parallel group
+(world / tp) and counts replicated parameters once in the gradient norm.
 
 Sequence parallelism is DeepSpeed Ulysses (`deepspeed.sequence.layer.DistributedAttention`) around our attention
 kernel call (`Attention.attention`): each rank projects its shard of the sequence, one all-to-all gives it the
