@@ -322,6 +322,12 @@ class HFWeights:
     def keys(self) -> set[str]:
         return set(self.where)
 
+    def close(self) -> None:
+        """Unmap the files read so far (the next read maps them again). safetensors reads through mmap, and the
+        file pages a read touches stay in this process's resident memory while the file is mapped: closing after
+        each tensor keeps at most one tensor's pages resident beside the model."""
+        self._open.clear()
+
     def _slice(self, key: str):
         from safetensors import safe_open
 
@@ -341,15 +347,26 @@ class HFWeights:
         """Rows [start, stop) along dim 0 (elements of a 1-D tensor), read without loading the rest."""
         return self._slice(key)[start:stop]
 
+    def cols(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Columns [start, stop) along dim 1 of a 2-D tensor, read without loading the rest."""
+        return self._slice(key)[:, start:stop]
+
 
 class Source:
-    """Where one of our parameters lies in an HF checkpoint: `rows(a, b)` gives its rows [a, b) along dim 0."""
+    """Where one of our parameters lies in an HF checkpoint: `rows(a, b)` gives its rows [a, b) along dim 0,
+    `part(dim, a, b)` its slice [a, b) along dim (a tensor-parallel shard)."""
 
     shape: tuple[int, ...]
     keys: tuple[str, ...]
+    w: HFWeights
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if dim == 0:
+            return self.rows(start, stop)
+        raise NotImplementedError(f"{type(self).__name__} of {self.keys[0]}: slices along dim {dim}")
 
 
 class Rows(Source):
@@ -365,6 +382,12 @@ class Rows(Source):
         idx = self.perm[start:stop]
         lo, hi = int(idx.min()), int(idx.max()) + 1  # a permutation within heads: a small window around [a, b)
         return self.w.rows(self.key, lo, hi)[idx - lo]
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if dim == 1 and len(self.shape) == 2:
+            cols = self.w.cols(self.key, start, stop)
+            return cols if self.perm is None else cols[self.perm]
+        return super().part(dim, start, stop)
 
 
 class Stacked(Source):
@@ -389,7 +412,7 @@ class ExtendedRows(Source):
     CHUNK = 8192
 
     def __init__(self, base: Source, new: list[list[int]], vocab_size: int) -> None:
-        self.base, self.new = base, new
+        self.base, self.new, self.w = base, new, base.w
         self.n_base = base.shape[0]
         if self.n_base + len(new) > vocab_size:
             raise ValueError(f"{self.n_base} base rows + {len(new)} new pieces exceed model.vocab_size={vocab_size}")
@@ -493,8 +516,22 @@ def hf_sources(
 
 
 def load_hf_state_dict(sources: dict[str, Source]) -> dict[str, torch.Tensor]:
-    """Every source read whole (single-process loading; ZeRO-3 reads only each rank's slice instead)."""
+    """Every source read whole (single-process loading; ZeRO-3 and tensor parallelism read only each rank's
+    slices instead)."""
     return {name: src.rows(0, src.shape[0]) for name, src in sources.items()}
+
+
+def part_reader(sources: dict[str, Source]) -> Callable[[str, int, int, int], torch.Tensor]:
+    """read(name, dim, a, b): our parameter `name` restricted to [a, b) along dim, reading only that slice."""
+
+    def read(name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        src = sources[name]
+        try:
+            return src.part(dim, start, stop)
+        finally:
+            src.w.close()
+
+    return read
 
 
 def flat_reader(sources: dict[str, Source]) -> Callable[[str, int, int], torch.Tensor]:
@@ -506,6 +543,9 @@ def flat_reader(sources: dict[str, Source]) -> Callable[[str, int, int], torch.T
         for d in src.shape[1:]:
             per_row *= d
         r0, r1 = start // per_row, -(-stop // per_row)
-        return src.rows(r0, r1).reshape(-1)[start - r0 * per_row : stop - r0 * per_row]
+        try:
+            return src.rows(r0, r1).reshape(-1)[start - r0 * per_row : stop - r0 * per_row]
+        finally:
+            src.w.close()
 
     return read

@@ -113,3 +113,24 @@ def test_unused_tensors_are_refused(tmp_path):
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="no place for.*o_proj.bias"):
         hf_sources(model_config_from_hf(tmp_path), HFWeights(tmp_path))
+
+
+def test_slices_read_only_their_part(tmp_path):
+    """A tensor-parallel shard's rows or columns (`part_reader`), DeepSeek's RoPE permutation included, equal the
+    same slice of the whole tensor; fused experts (never tensor-parallel) refuse a column slice."""
+    from model.hf import part_reader
+
+    make_tiny_base(tmp_path, "DeepseekV3ForCausalLM")
+    cfg = model_config_from_hf(tmp_path)
+    sources = hf_sources(cfg, HFWeights(tmp_path), rope_interleave=True)
+    whole = load_hf_state_dict(sources)
+    read = part_reader(sources)
+    for name in ("layers.0.self_attn.q_b_proj.weight", "layers.1.self_attn.kv_a_proj_with_mqa.weight",
+                 "layers.0.self_attn.o_proj.weight", "embed_tokens.weight"):  # fmt: skip
+        for dim in (0, 1):
+            n = whole[name].shape[dim]
+            for a, b in ((0, n // 2), (n // 2, n)):
+                got = read(name, dim, a, b)
+                assert torch.equal(got, whole[name].narrow(dim, a, b - a)), (name, dim, a, b)
+    with pytest.raises(NotImplementedError, match="slices along dim 1"):
+        read("layers.1.mlp.experts.gate_up_proj", 1, 0, 8)

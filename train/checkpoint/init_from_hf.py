@@ -1,6 +1,7 @@
 """`init.from_hf`: start a run from an open model's weights. `plan_hf_init` derives the model config from the HF
 directory and checks everything (architecture, files, tensor shapes, tokenizer, depth up-scaling) before any
-collective; `build_from_hf` constructs the model and fills it, each rank reading only the slices it holds."""
+collective; `build_from_hf` constructs the model and fills it, each rank reading only the slices it holds (its
+ZeRO-3 partitions, its tensor-parallel shards)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from model.config import ExecutionConfig, ModelConfig
-from model.hf import HFWeights, flat_reader, hf_sources, model_config_from_hf, read_hf_config
+from model.hf import HFWeights, flat_reader, hf_sources, model_config_from_hf, part_reader, read_hf_config
 from model.moe import Experts
 from model.transformer import Transformer
 from train.config import InitConfig
@@ -115,12 +116,18 @@ def plan_hf_init(init: InitConfig, user_model: ModelConfig, tok, tokenizer_path:
 
 
 def build_from_hf(info: HFInit, execution: ExecutionConfig, dispatcher, ds_config: dict | None,
-                  seq_shard=None) -> nn.Module:  # fmt: skip
+                  seq_shard=None, tp_size: int = 1) -> nn.Module:  # fmt: skip
     """The model of `info` filled with the HF weights; ds_config (ZeRO-3 jobs) builds it partitioned, each rank
-    reading only its partitions' rows. Expert-parallel ranks read only their experts."""
+    reading only its partitions' rows. Expert-parallel ranks read only their experts. tp_size > 1 returns it
+    already sharded by AutoTP, each rank having read only the rows or columns of its shards and the replicated
+    tensors; ds_config is then unused (under ZeRO-3, deepspeed.initialize partitions those shards further over the
+    data-parallel ranks, as for a randomly initialised tensor-parallel model)."""
     module = zero_load.construct(
-        lambda: Transformer(info.model, execution, dispatcher, seq_shard, random_init=False), ds_config
+        lambda: Transformer(info.model, execution, dispatcher, seq_shard, random_init=False), ds_config, tp_size
     )
+    if tp_size > 1:
+        zero_load.load_tensor_parallel(module, part_reader(info.sources()))
+        return module
     read = flat_reader(info.sources())
     offsets = {}
     for mname, m in module.named_modules():

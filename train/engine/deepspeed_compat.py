@@ -17,6 +17,10 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
   `round_robin_bit16_groups` / `round_robin_bit16_offsets` / `partition_size` / `real_dp_process_group` /
   `single_partition_of_fp32_groups`; stage 3 `fp16_groups` / `sub_group_process_groups` /
   `fp32_partitioned_groups_flat`, `ds_tensor`, `partition_numel()`), read by Muon and QK-clip.
+- autotp_before_initialize: the engine's AutoTP pass (`_apply_autotp_partitioning`, partition_config branch) run
+  early on a meta model; AutoTP skips a layer marked `replaced`; `TensorParallel_Layer.move` keeps meta tensors.
+- autotp_slice: each AutoTP parameter's `DS_AUTOTP_UC_META` attribute (universal-checkpoint metadata: partition_dim,
+  partition_sizes, replicated) says which slice of the whole tensor a rank holds.
 """
 
 from __future__ import annotations
@@ -38,6 +42,56 @@ TESTED_VERSIONS = ">=0.19.8,<0.20"
 """The DeepSpeed versions these workarounds were checked on (also setup.py's install_requires bound)."""
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+# --- tensor parallelism (AutoTP) ---------------------------------------------------------------------------------
+
+
+def autotp_before_initialize(model: nn.Module, tp_section: dict) -> None:
+    """Shard `model` with AutoTP now, exactly as deepspeed.initialize would with the DeepSpeed config section
+    `tensor_parallel` = tp_section (the tensor-parallel groups must exist). On a meta model the shards stay meta,
+    with their local shapes, so a caller can allocate and fill just them (init.from_hf).
+
+    deepspeed.initialize still runs its own AutoTP pass and its finalisation (vocabulary-parallel loss, replicated
+    gradient hooks, universal-checkpoint metadata): every layer replaced here is marked `replaced`, the flag AutoTP
+    checks before replacing a layer, so that pass finds nothing left to shard."""
+    from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.layers import TensorParallel_Layer, set_autotp_mode
+    from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
+    from deepspeed.utils import groups
+
+    tp = get_tensor_parallel_config({"tensor_parallel": tp_section})
+    set_autotp_mode(training=True)  # deepspeed.initialize sets it too; layers built before would be inference ones
+    # The arguments of DeepSpeedEngine._apply_autotp_partitioning's partition_config branch (0.19.8).
+    autotp = AutoTP(module=model, all_reduce_linears=(), prefix="", state_dict=None,
+                    linear_layer_setting=(nn.Linear, nn.Embedding), orig_layer_impl=None,
+                    keep_module_on_host=tp.keep_module_on_host, partition_config=tp.get_partition_config_object(),
+                    vocab_parallel_lm_head=tp.vocab_parallel_lm_head is True,
+                    model_config=getattr(model, "config", None), tp_grain_size=tp.tensor_parallel.tp_grain_size,
+                    training_mode=True)  # fmt: skip
+    autotp.set_tensor_parallel_config(tp.autotp_size, groups.get_tensor_model_parallel_group())
+    autotp.update_linear_policies()
+    autotp._replace_module(model)
+    for module in model.modules():
+        if isinstance(module, TensorParallel_Layer):
+            module.replaced = True
+
+
+def autotp_slice(p: nn.Parameter, tp_rank: int) -> tuple[int, int, int] | None:
+    """(dim, start, stop): the slice of the whole tensor that AutoTP parameter `p` holds on tensor-parallel rank
+    `tp_rank`; None when it is whole (replicated, or never sharded)."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+
+    meta = getattr(p, DS_AUTOTP_UC_META, None)
+    if meta is None or meta["replicated"] or meta["partition_dim"] is None:
+        return None
+    if meta["sub_param_shape"] is not None:
+        raise NotImplementedError(f"AutoTP sub-parameter layout {meta['sub_param_shape']}: not a contiguous slice")
+    sizes, dim = meta["partition_sizes"], meta["partition_dim"]
+    start = sum(sizes[:tp_rank])
+    if p.shape[dim] != sizes[tp_rank]:
+        raise RuntimeError(f"AutoTP shard of shape {tuple(p.shape)} does not match its partition sizes {sizes}")
+    return dim, start, start + sizes[tp_rank]
 
 
 # --- expert parallelism -----------------------------------------------------------------------------------------

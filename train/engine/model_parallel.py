@@ -3,11 +3,12 @@
 Tensor parallelism is DeepSpeed AutoTP (`"tensor_parallel": {"autotp_size": N}`) with a partition plan for our
 parameter names: attention projections (GQA q/k/v, MLA q_b/kv_b) and the gate/up projections of the dense MLP and
 the shared experts are column-parallel, o_proj and down_proj row-parallel; MLA's small latent projections
-(q_a, kv_a), the router and the norms stay replicated; routed experts stay expert-parallel (train/engine/
-expert_parallel.py). The embedding and the output head are vocabulary-parallel (AutoTP's `vocab_parallel_lm_head`;
-a tied embedding shares the head's shard) and the loss is DeepSpeed's vocabulary-parallel cross-entropy on each
-rank's logit shard: the (B, T, V) logits are never gathered in training. DeepSpeed reduces gradients over the
-data-parallel group (world / tp) and counts replicated parameters once in the gradient norm.
+(q_a, kv_a), the router and the norms stay replicated (the per-head q/k norms with their gradient summed over the
+group); routed experts stay whole (expert parallelism is train/engine/expert_parallel.py). The output head is
+vocabulary-parallel (AutoTP's `vocab_parallel_lm_head`; a tied embedding shares the head's shard, an untied one
+stays replicated) and the loss is DeepSpeed's vocabulary-parallel cross-entropy on each rank's logit shard: the
+(B, T, V) logits are never gathered in training. DeepSpeed reduces gradients over the data-parallel group
+(world / tp) and counts replicated parameters once in the gradient norm.
 
 Sequence parallelism is DeepSpeed Ulysses (`deepspeed.sequence.layer.DistributedAttention`) around our attention
 kernel call (`Attention.attention`): each rank projects its shard of the sequence, one all-to-all gives it the
@@ -34,10 +35,14 @@ TP_PARTITION = {
             "partition_type": "column",
         },
         {"patterns": [r".*\.(o_proj|down_proj)\.weight$"], "partition_type": "row"},
+        # Qwen3's per-head q/k RMSNorm weights are replicated but each rank normalises only its heads: AutoTP sums
+        # their gradients over the tensor-parallel group.
+        {"patterns": [r".*\.(q_norm|k_norm)\.weight$"], "partition_type": "skip", "grad_allreduce": True},
     ],
 }
 """AutoTP's partition plan for our parameter names (DeepSpeed `tensor_parallel.partition_config`). Router
-weights are named `gate.weight` and MLA latents `q_a_proj` / `kv_a_proj_with_mqa`: no pattern, so replicated."""
+weights are named `gate.weight` and MLA latents `q_a_proj` / `kv_a_proj_with_mqa`: no pattern, so replicated;
+the q/k norms are replicated too, with their gradient summed over the group."""
 
 
 def tensor_parallel_config(tp_size: int) -> dict:
@@ -52,6 +57,33 @@ def init_tensor_parallel(tp_size: int):
 
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
     return groups
+
+
+def shard_tensor_parallel(model: nn.Module, tp_size: int) -> None:
+    """AutoTP with this plan applied now, before deepspeed.initialize (which then has nothing left to shard):
+    init.from_hf builds the model on the meta device and shards it here, so each rank allocates and reads only its
+    own shards (train/engine/zero_load.py). Collective the first time (creates the tensor-parallel groups)."""
+    from train.engine.deepspeed_compat import autotp_before_initialize
+
+    init_tensor_parallel(tp_size)
+    autotp_before_initialize(model, tensor_parallel_config(tp_size))
+
+
+def tensor_parallel_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """For each sharded parameter of an AutoTP model: (dim, start, stop), the slice of the whole tensor this rank
+    holds (column-parallel weights and biases and the vocabulary-parallel embedding / head: dim 0; row-parallel
+    weights: dim 1). Replicated parameters are absent."""
+    from deepspeed.utils import groups
+
+    from train.engine.deepspeed_compat import autotp_slice
+
+    rank = groups.get_tensor_model_parallel_rank()
+    out = {}
+    for name, p in model.named_parameters():
+        part = autotp_slice(p, rank)
+        if part is not None:
+            out[name] = part
+    return out
 
 
 def prepare_tensor_parallel(model: nn.Module) -> None:

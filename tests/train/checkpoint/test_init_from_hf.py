@@ -1,6 +1,6 @@
 """init.from_hf with a vocabulary extension (tokenizer.extend): base ids and rows kept, new rows the mean of the
 base rows of each new piece's base tokenization, vocabulary a multiple of 128; errors for vocabularies that do
-not match the weights; ZeRO-3 loading on two real ranks equal to a single-process load."""
+not match the weights; ZeRO-3 and tensor-parallel loading on two real ranks equal to a single-process load."""
 
 from __future__ import annotations
 
@@ -118,6 +118,45 @@ def test_zero3_loading_equals_single_process_load(tmp_path):
         "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
     )
     assert "OK" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_loading_equals_single_rank_load(tmp_path):
+    """tp 2 under ZeRO-1 and ZeRO-3: each rank reads only its shards (tied vocabulary-parallel embedding, Qwen2
+    biases, Qwen3 QK-norm, MLA and MoE); the same parameters, logits and loss as a single-process load
+    (hf_tp_worker)."""
+    families = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM")
+    for family in families:
+        make_tiny_base(tmp_path / family, family)
+    worker = "tests.train.checkpoint.hf_tp_worker"
+    proc = run_module(
+        "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
+    )
+    assert "OK" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_pretrain_from_hf_with_tensor_parallel_trains_like_one_rank(en_tokenizer, tmp_path):
+    """A Qwen3 base (per-head QK-norm, replicated but fed by each rank's heads only) trained 5 steps with tp 2
+    gives the losses of one rank: the norms' gradients are summed over the tensor-parallel group."""
+    from data_pipeline.prepare import prepare
+    from tests.helpers import sample_data_config
+
+    base = tmp_path / "base"
+    make_tiny_base(base, "Qwen3ForCausalLM", tokenizer=str(en_tokenizer))
+    data = tmp_path / "data"
+    prepare(sample_data_config(max_docs_per_source=100, val_fraction=0.1), load_any(base), str(base), data,
+            log=lambda m: None)  # fmt: skip
+    runs = {}
+    for nproc, extra in ((1, ()), (2, ("parallel.tp_size=2",))):
+        runs[nproc] = tmp_path / f"run{nproc}"
+        argv = train_args(base, data, runs[nproc], "deepspeed.zero_stage=1", f"init.from_hf={base}", "optim.lr=1e-2",
+                          "train.max_steps=5", "train.eval_every=0", "checkpoint.every_steps=0", *extra)  # fmt: skip
+        run_module("torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "train.pretrain", *argv)
+    got, want = losses(runs[2]), losses(runs[1])
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step, value in want.items():
+        assert abs(got[step] - value) <= 1e-5 * abs(value), (step, got[step], value)
 
 
 @pytest.mark.slow

@@ -127,3 +127,35 @@ def test_zero3_universal_loader_shortcuts_are_still_there():
     assert "[OPTIMIZER_STATE_DICT]['state'][0]['step']" in source
     assert "['step'] = state_step" in source
     assert '[OPTIMIZER_STATE_DICT]["param_groups"][0].items()' in source
+
+
+def test_autotp_can_run_before_initialize():
+    """autotp_before_initialize repeats the engine's AutoTP pass (partition_config branch) on a meta model; the
+    engine's own pass must then skip the layers marked `replaced`, and AutoTP must leave meta shards on meta."""
+    from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.layers import TensorParallel_Layer
+    from deepspeed.runtime import engine
+
+    branch = inspect.getsource(engine.DeepSpeedEngine._apply_autotp_partitioning)
+    for call in ("autotp.set_tensor_parallel_config(", "autotp.update_linear_policies()",
+                 "autotp._replace_module(model)", "partition_config=partition_config"):  # fmt: skip
+        assert call in branch, call
+    ours = ("module", "all_reduce_linears", "prefix", "state_dict", "linear_layer_setting", "orig_layer_impl",
+            "keep_module_on_host", "partition_config", "vocab_parallel_lm_head", "model_config", "tp_grain_size",
+            "training_mode")  # fmt: skip
+    assert set(ours) <= set(inspect.signature(AutoTP.__init__).parameters)
+    assert 'if getattr(child, "replaced", False) == True:' in inspect.getsource(AutoTP._replace_with_config)
+    assert "tensor.is_meta" in inspect.getsource(TensorParallel_Layer.move)
+
+
+def test_autotp_parameters_describe_their_slice():
+    """autotp_slice reads each AutoTP parameter's universal-checkpoint metadata."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.module_inject.layers import _build_param_uc_restore_meta
+
+    meta = _build_param_uc_restore_meta(partition_type="row", partition_dim=1, partition_sizes=(3, 3))
+    for key in ("partition_dim", "partition_sizes", "replicated", "sub_param_shape"):
+        assert key in meta, key
+    p = torch.nn.Parameter(torch.empty(4, 3))
+    setattr(p, DS_AUTOTP_UC_META, meta)
+    assert compat.autotp_slice(p, 1) == (1, 3, 6)
