@@ -107,7 +107,7 @@ def measure(cmd: list[str], env: dict) -> dict:
                         rss = p.memory_info().rss
                         if rss > peak.get(p.pid, 0):
                             peak[p.pid] = rss
-                            names[p.pid] = " ".join(p.cmdline()[:3])[-60:]
+                            names[p.pid] = " ".join(p.cmdline()[:3])
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -128,7 +128,7 @@ def measure(cmd: list[str], env: dict) -> dict:
     return {
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_max_mb": round(max(peak.values()) / 1e6),
-        "largest": names.get(max(peak, key=peak.get), ""),
+        "largest": names.get(max(peak, key=peak.get), "")[-60:],
         "peak_rss_driver_mb": round(peak.get(proc.pid, 0) / 1e6),
         "peaks": {k: round(v / 1e6) for k, v in sorted(kinds.items())},
         "processes": len(peak),
@@ -142,8 +142,9 @@ def _kind(cmdline: str) -> str:
         return "workers"  # a Ray worker, titled by its task (ray::IDLE between tasks)
     if "default_worker.py" in cmdline or "multiprocessing" in cmdline or "data_pipeline.prepare" in cmdline:
         return "workers"
+    executable = cmdline.split(" ")[0]
     for kind in ("raylet", "gcs_server"):
-        if kind in cmdline:
+        if executable.endswith(f"/{kind}"):
             return kind.removesuffix("_server")
     return "other"
 
