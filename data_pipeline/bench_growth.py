@@ -123,7 +123,7 @@ def measure(cmd: list[str], env: dict) -> dict:
         sys.exit(f"prepare failed:\n{err[-3000:]}")
     kinds: dict[str, int] = {}
     for pid, rss in peak.items():
-        kind = "driver" if pid == proc.pid else _kind(names[pid])
+        kind = "driver" if pid == proc.pid else _kind(names.get(pid, ""))
         kinds[kind] = max(kinds.get(kind, 0), rss)
     return {
         "seconds": round(time.perf_counter() - start, 1),
