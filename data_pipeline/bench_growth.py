@@ -4,7 +4,9 @@
 The corpus at factor F is F copies of every input file of the data config (copy 0 verbatim, the others with one word
 of every document replaced at random, so exact and near duplicates scale with it), written once under
 DIR/corpus_F/. Each run is a fresh `python -m data_pipeline.prepare` process; a sampler polls the RSS of it and all
-its descendants (pool workers; Ray's raylet, GCS and workers) every 0.2 s. Prints one JSON line per run.
+its descendants (pool workers; Ray's raylet, GCS and workers) every 0.2 s. Prints one JSON line per run, with the
+peak of each kind of process (`peaks`: driver, workers, raylet, gcs, other Ray processes) and, for the largest one,
+what it was running at its peak (a Ray worker's title names its task: `ray::work_task`).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def measure(cmd: list[str], env: dict) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak: dict[int, int] = {}
-    names: dict[int, str] = {}
+    names: dict[int, str] = {}  # the command line at the peak (a Ray worker's shows its current task)
     stop = threading.Event()
 
     def sample() -> None:
@@ -102,8 +104,10 @@ def measure(cmd: list[str], env: dict) -> dict:
             try:
                 for p in [root, *root.children(recursive=True)]:
                     try:
-                        peak[p.pid] = max(peak.get(p.pid, 0), p.memory_info().rss)
-                        names.setdefault(p.pid, " ".join(p.cmdline()[:3])[-60:])
+                        rss = p.memory_info().rss
+                        if rss > peak.get(p.pid, 0):
+                            peak[p.pid] = rss
+                            names[p.pid] = " ".join(p.cmdline()[:3])
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -117,14 +121,32 @@ def measure(cmd: list[str], env: dict) -> dict:
     t.join()
     if proc.returncode:
         sys.exit(f"prepare failed:\n{err[-3000:]}")
+    kinds: dict[str, int] = {}
+    for pid, rss in peak.items():
+        kind = "driver" if pid == proc.pid else _kind(names.get(pid, ""))
+        kinds[kind] = max(kinds.get(kind, 0), rss)
     return {
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_max_mb": round(max(peak.values()) / 1e6),
-        "largest": names.get(max(peak, key=peak.get), ""),
+        "largest": names.get(max(peak, key=peak.get), "")[-60:],
         "peak_rss_driver_mb": round(peak.get(proc.pid, 0) / 1e6),
+        "peaks": {k: round(v / 1e6) for k, v in sorted(kinds.items())},
         "processes": len(peak),
         "summary": json.loads(out.strip().splitlines()[-1]),
     }
+
+
+def _kind(cmdline: str) -> str:
+    """Which kind of process a command line is: a worker (pool or Ray), Ray's raylet or GCS, or another one."""
+    if cmdline.startswith("ray::") and not cmdline.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+        return "workers"  # a Ray worker, titled by its task (ray::IDLE between tasks)
+    if "default_worker.py" in cmdline or "multiprocessing" in cmdline or "data_pipeline.prepare" in cmdline:
+        return "workers"
+    executable = cmdline.split(" ")[0]
+    for kind in ("raylet", "gcs_server"):
+        if executable.endswith(f"/{kind}"):
+            return kind.removesuffix("_server")
+    return "other"
 
 
 def main() -> None:

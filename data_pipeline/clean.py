@@ -125,8 +125,10 @@ def char_repetition(text: str, k: int = 10) -> float:
     if len(s) < k:
         return 0.0
     codes = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    grams = _gram_hashes(codes, k)
-    return 1.0 - len(np.unique(grams)) / len(grams)
+    grams = np.sort(_gram_hashes(codes, k))
+    # Distinct values counted on a sorted copy: numpy 2's hash-based np.unique is ~25x slower on these arrays.
+    distinct = 1 + int(np.count_nonzero(grams[1:] != grams[:-1]))
+    return 1.0 - distinct / len(grams)
 
 
 def word_repetition(words: list[str], n: int = 5) -> float:

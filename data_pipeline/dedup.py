@@ -11,6 +11,7 @@ first occurrence is kept whatever the number of workers or parts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -60,6 +61,7 @@ def signature(text: str, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray])
     return sig.astype(np.uint64)
 
 
+@functools.cache  # ~30 ms a call, made once per file and per reducer
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) minimizing the mean of the false-positive and false-negative probabilities at
     `threshold`: datasketch's `_optimal_param` with equal weights, integrated with numpy instead of scipy."""

@@ -40,8 +40,10 @@ from data_pipeline.dedup import (
 from data_pipeline.shards import FORMAT, MANIFEST
 from data_pipeline.work import PII_KINDS, Task
 
-RECORDS_PER_REDUCER = 1 << 21
-"""Dedup records one reducer sorts at most (on average): about 50 MB of exact keys, 130 MB of band keys."""
+RECORDS_PER_REDUCER = 1 << 19
+"""Dedup records one reducer sorts (on average): its peak is about 40 MB for exact keys, 75 MB for band keys
+(`python -m data_pipeline.bench_reducer`; 1 << 21 peaked at 170 and 300 MB, more than a Ray worker's own ~200 MB),
+so a corpus that grows adds reducers, not memory per reducer (up to BUCKETS reducers)."""
 NOT_IN_MANIFEST = ("num_workers", "num_shards", "shard_index", "engine", "ray_address")
 """How the job was split and where it ran: they do not change a byte of the output."""
 DROPPED = ("exact_duplicate", "near_duplicate")

@@ -119,8 +119,12 @@ class Tokenizer:
         return self._sp.encode(normalize(text))
 
     def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
-        """`encode` of each text, on SentencePiece's thread pool; num_threads 0 = all cores."""
+        """`encode` of each text, on SentencePiece's thread pool; num_threads 0 = all cores, 1 = this thread."""
         threads = num_threads if num_threads > 0 else os.cpu_count() or 1
+        if threads == 1:
+            # A batch call starts a new thread even for one; in a process with many threads (a Ray worker) each new
+            # thread can get a fresh malloc arena that keeps the batch's freed memory: +29 MB per large file there.
+            return [self._sp.encode(normalize(t)) for t in texts]
         return self._sp.encode([normalize(t) for t in texts], num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -213,6 +213,19 @@ def test_planted_duplicates_removed_as_by_the_sequential_pass(planted_dups, tiny
         assert s["docs_in"] == s["docs_kept"] + sum(s["rejected"].values())
 
 
+def test_many_reducers_give_the_same_bytes(planted_dups, tiny_tokenizer, tmp_path, monkeypatch):
+    """Reducer bucket ranges sized by RECORDS_PER_REDUCER (which bounds a reducer's memory) change no decision."""
+    import data_pipeline.global_pass as gp
+
+    tok = Tokenizer.from_dir(tiny_tokenizer)
+    prepare(planted_dups, tok, "tok", tmp_path / "one", log=quiet)
+    monkeypatch.setattr(gp, "RECORDS_PER_REDUCER", 16)
+    assert len(gp.reducer_ranges(300)) == 19
+    prepare(planted_dups, tok, "tok", tmp_path / "many", log=quiet)
+    assert output_hashes(tmp_path / "many") == output_hashes(tmp_path / "one")
+    assert kept_ids(tmp_path / "many", planted_dups) == kept_ids(tmp_path / "one", planted_dups)
+
+
 def output_hashes(out: Path) -> dict[str, str]:
     import hashlib
 

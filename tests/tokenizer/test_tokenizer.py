@@ -217,7 +217,8 @@ def test_sha256_stable(tok, tok_dir, texts, tmp_path):
 
 def test_encode_batch_and_pickle(tok):
     assert tok.encode_batch(CASES, num_threads=2) == [tok.encode(t) for t in CASES]
-    assert tok.encode_batch([]) == []
+    assert tok.encode_batch(CASES, num_threads=1) == [tok.encode(t) for t in CASES]  # this thread, no batch call
+    assert tok.encode_batch([]) == [] and tok.encode_batch([], num_threads=1) == []
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.sha256 == tok.sha256 and clone.encode(CASES[0]) == tok.encode(CASES[0])
 
