@@ -48,15 +48,17 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def create_expert_groups(ep_size: int):
+def create_expert_groups(ep_size: int, pp_size: int = 1):
     """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups of `ep_size`; returns the
     expert-parallel group of this rank. DeepSpeed creates them only inside its own MoE layer's constructor
-    (`set_deepspeed_parallelism`); ours are not DeepSpeed MoE layers, so we call the private function it calls."""
+    (`set_deepspeed_parallelism`); ours are not DeepSpeed MoE layers, so we call the private function it calls.
+    `pp_size` > 1: the groups are built inside each pipeline stage (its `pp_size` argument: stage-major ranks, world /
+    pp_size per stage), before the pipeline's own groups exist."""
     from deepspeed.utils import groups
 
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
+        groups._create_expert_and_data_parallel(ep_size, pp_size=pp_size)
     return groups._get_expert_parallel_group(name)
 
 

@@ -16,7 +16,7 @@ from model.output import ModelOutput
 from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from train.engine.deepspeed_compat import gate_optimizer_step
 from train.engine.distributed import Dist
-from train.engine.expert_parallel import gather_experts, is_expert_param
+from train.engine.expert_parallel import gather_experts, has_expert_params, is_expert_param, load_local_experts
 from train.engine.model_parallel import (
     adopt_vocab_parallel_head,
     init_tensor_parallel,
@@ -302,4 +302,7 @@ class Engine:
         return full_state_dict(self.ds)
 
     def after_load(self, tag_dir: Path) -> None:
-        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (nothing here)."""
+        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (expert-parallel slices: see
+        `load_local_experts`)."""
+        if has_expert_params(self.module):
+            load_local_experts(self.module, str(tag_dir / "model.safetensors"))

@@ -75,11 +75,12 @@ class AllToAllDispatcher(ExpertDispatcher):
         return _AllToAll.apply(t, in_splits, out_splits, self.group)
 
 
-def make_dispatcher(ep_size: int) -> AllToAllDispatcher | None:
-    """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective) and this rank's dispatcher."""
+def make_dispatcher(ep_size: int, pp_size: int = 1) -> AllToAllDispatcher | None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective; inside each pipeline stage when
+    `pp_size` > 1) and this rank's dispatcher."""
     if ep_size == 1:
         return None
-    group = create_expert_groups(ep_size)
+    group = create_expert_groups(ep_size, pp_size)
     return AllToAllDispatcher(group, ep_size, dist.get_rank(group=group))
 
 

@@ -92,3 +92,53 @@ def test_export_of_a_pipeline_run_is_the_single_rank_model(runs, tmp_path):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _metric_rows(run, key: str) -> list[dict]:
+    import json
+
+    return [row for line in (run / "metrics.jsonl").read_text().splitlines() if key in (row := json.loads(line))]
+
+
+@pytest.mark.slow
+def test_pipeline_2_with_expert_parallel_2_trains_like_one_rank(runs):
+    """4 processes, pp 2 x dp 2, ep 2 (DeepSeek-V3's PP + EP + ZeRO-1): stages [0, 1] and [2, 3], expert groups
+    [0, 1] and [2, 3] inside them, each rank holding 4 of the 8 routed experts of its stage's MoE layers."""
+    ref = runs("base_deepseek_tiny", 1, DEEPSEEK)
+    run = runs("pp2_ep2", 4, DEEPSEEK, "parallel.pp_size=2", "parallel.ep_size=2")
+    assert_same_losses(run, ref)
+    for got, want in zip(_metric_rows(run, "aux_loss"), _metric_rows(ref, "aux_loss"), strict=True):
+        for key in ("aux_loss", "mtp_loss", "moe_max_violation", "grad_norm"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got[key], want[key])
+    # model.safetensors holds all experts in global order (gathered from each stage's expert group); the tied
+    # embedding's tolerance as in test_pipeline_2_trains_like_one_rank.
+    got, want = (load_file(r / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors") for r in (run, ref))
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_pipeline_with_expert_parallel_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
+    src = runs("pp2_ep2", 4, DEEPSEEK, "parallel.pp_size=2", "parallel.ep_size=2")
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    extra = ("deepspeed.zero_stage=1", "parallel.pp_size=2", "parallel.ep_size=2")
+    proc = launch(4, args(tiny_tokenizer, tiny_data, run_dir, DEEPSEEK, *extra))
+    assert "resumed from" in proc.stderr
+    got, want = losses(run_dir), losses(src)
+    for step in range(4, STEPS + 1):
+        assert got[step] == want[step], (step, got[step], want[step])
+    assert_same_weights(run_dir, src)
+
+
+@pytest.mark.slow
+def test_expert_parallel_refuses_a_stage_without_moe_layers(tiny_tokenizer, tiny_data, tmp_path):
+    """first_k_dense=2 of 3 layers: stage 0 holds the two dense layers (ZeRO-1 would reduce the gradient norm over
+    the stages once per parameter group, and only the other stage has expert groups)."""
+    extra = ("deepspeed.zero_stage=1", "parallel.pp_size=2", "parallel.ep_size=2", "model.moe.first_k_dense=2")
+    proc = run_module("torchrun", "--standalone", "--nproc_per_node=4", "-m", "train.pretrain",
+                      *args(tiny_tokenizer, tiny_data, tmp_path / "run", DEEPSEEK, *extra), check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: parallel.ep_size=2 with parallel.pp_size=2: pipeline stage 0 holds decoder layers [0, 1]" in (
+        proc.stderr
+    )
