@@ -144,6 +144,26 @@ class PipeHead(nn.Module):
         return ModelOutput(ce_loss=ce_loss, aux_losses=aux_losses, mtp_losses=mtp_losses, expert_loads=loads)
 
 
+TIED_EMBEDDING = "tied_modules.embed."
+"""Prefix of the tied embedding's names in the PipelineModule (DeepSpeed's `tied_modules.<key>.`)."""
+
+
+def model_param_name(pipe_name: str, n_layers: int) -> str:
+    """The `Transformer` name of a parameter or buffer named `pipe_name` in `build_pipeline`'s PipelineModule.
+
+    DeepSpeed names each layer by its index in the layer list ([embedding, decoder blocks, head, embedding]) and the
+    tied embedding `tied_modules.embed.*`. Checkpoint conversion relies on it (train/checkpoint/pipeline_universal.py);
+    `PipelineEngine` checks it against the live modules at every start."""
+    if pipe_name.startswith(TIED_EMBEDDING):
+        return pipe_name[len(TIED_EMBEDDING) :]
+    index, _, rest = pipe_name.partition(".")
+    if index.isdigit() and 1 <= int(index) <= n_layers and rest.startswith("block."):
+        return f"layers.{int(index) - 1}.{rest[len('block.') :]}"
+    if index.isdigit() and int(index) == n_layers + 1:
+        return rest  # PipeHead: norm, lm_head, mtp
+    raise ValueError(f"{pipe_name!r} is not a parameter name of a {n_layers}-layer pipeline built by build_pipeline")
+
+
 def build_pipeline(model: Transformer, pp_size: int):
     """DeepSpeed's PipelineModule of `model` in `pp_size` stages (collective: creates the pipeline's groups).
 
@@ -205,6 +225,9 @@ class PipelineEngine(Engine):
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = {n: p for p in pipe.parameters() if (n := names.get(id(p))) is not None}
         """This stage's parameters by their Transformer names (a tied embedding once)."""
+        for pipe_name, p in pipe.named_parameters():
+            if model_param_name(pipe_name, len(model.layers)) != names[id(p)]:
+                raise RuntimeError(f"model_param_name({pipe_name!r}) is not {names[id(p)]!r}: update it")
         self._local_experts = {
             id(p): slice(m.expert_offset, m.expert_offset + m.n_local)
             for m in model.modules()

@@ -150,7 +150,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
         universal = needs_universal(
-            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp
+            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp, ep_size
         )
         check_data_unchanged(ckpt_dir / tag, manifest, cfg)
     token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None

@@ -80,6 +80,38 @@ def test_pipeline_2_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("saved", "nproc", "model", "layout", "resume_with"),
+    [
+        # pp 2 x dp 2 (ZeRO-1 partitions over 2 ranks per stage) -> 2 ranks, ZeRO-2
+        ("pp2_dp2_nano", 4, DENSE, ("parallel.pp_size=2",), ("deepspeed.zero_stage=2",)),
+        # pp 2 -> 1 rank; the routers' balancing biases (buffers) come back too
+        ("pp2_deepseek_tiny", 2, DEEPSEEK, ("parallel.pp_size=2",), ()),
+    ],
+    ids=["dense_pp2_dp2_to_zero2_on_2", "deepseek_pp2_to_1"],
+)
+def test_a_pipeline_checkpoint_resumes_without_pipeline(
+    runs, tiny_tokenizer, tiny_data, tmp_path, saved, nproc, model, layout, resume_with
+):
+    """Our converter (train/checkpoint/pipeline_universal.py; DeepSpeed's ds_to_universal cannot read a
+    PipelineModule checkpoint) writes the universal checkpoint a job without pipeline parallelism resumes from:
+    weights and Adam states, so steps 4-6 (two of them after updates from the restored moments) give the losses of
+    the uninterrupted pipeline run and of the single-rank run."""
+    src = runs(saved, nproc, model, *layout)
+    ref = runs(f"base_{model[0].split('=')[1]}", 1, model)
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    extra = ("deepspeed.zero_stage=1", *resume_with)
+    proc = launch(2 if resume_with else 1, args(tiny_tokenizer, tiny_data, run_dir, model, *extra))
+    assert "converting it to" in proc.stderr and "resumed from" in proc.stderr
+    got = losses(run_dir)
+    for want in (losses(src), losses(ref)):
+        for step in range(4, STEPS + 1):
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+    if model == DENSE:
+        assert_same_weights(run_dir, src)
+
+
+@pytest.mark.slow
 def test_export_of_a_pipeline_run_is_the_single_rank_model(runs, tmp_path):
     import torch
     from safetensors.torch import load_file
