@@ -109,6 +109,12 @@ def test_a_pipeline_checkpoint_resumes_without_pipeline(
             assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
     if model == DENSE:
         assert_same_weights(run_dir, src)
+    else:  # a universal load restores parameters only: the biases must come back from model.safetensors
+        got, want = (load_file(r / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors") for r in (run_dir, src))
+        biases = [k for k in want if k.endswith("e_score_correction_bias")]
+        assert biases and any(want[k].abs().max() > 0 for k in biases)
+        for key in biases:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.slow
