@@ -27,8 +27,12 @@ from train.checkpoint.layout import (
 from train.checkpoint.rng import rng_state, set_rng_state
 from train.checkpoint.universal import ensure_universal
 from train.engine import distributed as dist
-from train.engine.deepspeed_compat import count_checkpoint_writes, fix_zero3_universal_load, weights_only_loading
-from train.engine.expert_parallel import has_expert_params, load_local_experts
+from train.engine.deepspeed_compat import (
+    count_checkpoint_writes,
+    fix_zero3_universal_load,
+    model_states_from_every_tensor_parallel_rank,
+    weights_only_loading,
+)
 
 
 def save(
@@ -71,7 +75,8 @@ def save(
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     written.append(tmp / f"rng_rank{rank}.pt")
     with count_checkpoint_writes(engine, lambda path: ops(path.name)) as ds_files:
-        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+        with model_states_from_every_tensor_parallel_rank(engine):
+            engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
     written += ds_files
     dist.barrier()
     # Every rank fsyncs and hashes the files it wrote (in parallel; no rank lists a directory others write into).
@@ -102,8 +107,6 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
         if engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights():
             fix_zero3_universal_load(engine, tag_dir / UNIVERSAL / "zero")
-        if has_expert_params(engine.module):
-            load_local_experts(engine.module, str(tag_dir / "model.safetensors"))
         # A rank that did not exist at save time (more ranks now) keeps its seeded RNG; training draws none on CPU.
         rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         if rng_file.is_file():

@@ -65,20 +65,26 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def needs_universal(
-    meta: dict, world_size: int, zero_stage: int, where: Path, tp_size: int = 1, pp_size: int = 1
+    meta: dict, world_size: int, zero_stage: int, where: Path, tp_size: int = 1, pp_size: int = 1, ep_size: int = 1
 ) -> bool:
     """Whether resuming `meta`'s checkpoint with this world size, ZeRO stage and tensor-parallel degree needs
     DeepSpeed's universal format. (The sequence-parallel degree does not shard parameters, so it never does.)
-    A pipeline-parallel checkpoint (or a pipeline job) resumes only on its own layout."""
+    A pipeline-parallel checkpoint resumes on its own layout, or resharded (our own converter) on a layout without
+    pipeline or tensor parallelism; a pipeline job resumes only its own layout's checkpoints."""
     saved = (meta.get("world_size"), meta.get("zero_stage"))
     saved_tp = int(meta.get("tp_size", 1))
     saved_pp = int(meta.get("pp_size", 1))
     if (saved_pp > 1 or pp_size > 1) and (saved_pp, *saved, saved_tp) != (pp_size, world_size, zero_stage, tp_size):
+        if pp_size == 1 and tp_size == 1 and zero_stage > 0 and ep_size == 1:
+            return True  # train/checkpoint/pipeline_universal.py
         raise ValueError(
             f"cannot resume {where} (parallel.pp_size={saved_pp}, {saved[0]} ranks, ZeRO-{saved[1]}) with "
-            f"parallel.pp_size={pp_size} on {world_size} ranks: DeepSpeed's universal conversion (ds_to_universal) "
-            "assumes Megatron-DeepSpeed's pipeline layer files and fails on a PipelineModule checkpoint, so a "
-            f"pipeline layout cannot be resharded. Resume with parallel.pp_size={saved_pp} on {saved[0]} ranks"
+            f"parallel.pp_size={pp_size}, tp_size={tp_size}, ep_size={ep_size} on {world_size} ranks, "
+            f"ZeRO-{zero_stage}: "
+            "a pipeline checkpoint is resharded only to a layout without pipeline, tensor or expert parallelism "
+            "(ZeRO 1-3; DeepSpeed's own converter cannot read it, ours covers that case), and a pipeline job "
+            f"resumes only its own layout's checkpoints. Resume with parallel.pp_size={saved_pp} on {saved[0]} "
+            "ranks, or with pp_size=1, tp_size=1 and ep_size=1"
         )
     if saved == (world_size, zero_stage) and saved_tp == tp_size:
         return False
@@ -87,6 +93,13 @@ def needs_universal(
             f"cannot resume {where} (parallel.tp_size={saved_tp}) with parallel.tp_size={tp_size} under "
             f"deepspeed.zero_stage={zero_stage}: resharding tensor-parallel weights goes through DeepSpeed's "
             f"universal checkpoint, which needs ZeRO 1-3 on both sides. Resume with parallel.tp_size={saved_tp}"
+        )
+    if ep_size > 1 and (saved_tp > 1 or tp_size > 1):
+        raise ValueError(
+            f"cannot resume {where} (parallel.tp_size={saved_tp}, {saved[0]} ranks, ZeRO-{saved[1]}) with "
+            f"parallel.tp_size={tp_size} on {world_size} ranks, ZeRO-{zero_stage} and ep_size={ep_size}: DeepSpeed's "
+            "universal conversion fails on expert weights partitioned over tensor-parallel expert-data-parallel "
+            f"groups. Resume with parallel.tp_size={saved_tp} on {saved[0]} ranks and deepspeed.zero_stage={saved[1]}"
         )
     if saved[1] == 0 and zero_stage == 0:
         return False  # ZeRO-0 keeps whole optimizer states, which any number of ranks loads as they are

@@ -1,13 +1,16 @@
 """Resharded resume: a checkpoint saved with another world size or ZeRO stage is converted once to DeepSpeed's
-universal format (`TAG/universal/`), which any layout of ZeRO 1-3 loads."""
+universal format (`TAG/universal/`), which any layout of ZeRO 1-3 loads. A pipeline-parallel checkpoint is converted
+by our own `pipeline_to_universal` (DeepSpeed's converter cannot read it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 from train.checkpoint.layout import TMP_PREFIX, UNIVERSAL, _fsync_dir, _warn, sha256_of
+from train.checkpoint.pipeline_universal import pipeline_to_universal
 from train.engine import distributed as dist
 from train.engine.deepspeed_compat import complete_universal_folder, convert_to_universal, weights_only_loading
 
@@ -18,9 +21,12 @@ def ensure_universal(tag_dir: Path) -> None:
     if dist.rank() == 0 and not out.is_dir():
         tmp = tag_dir / (TMP_PREFIX + UNIVERSAL)
         shutil.rmtree(tmp, ignore_errors=True)
-        _warn(f"{tag_dir} was saved with another world size or ZeRO stage: converting it to {out} (once)")
+        _warn(f"{tag_dir} was saved with another layout, world size or ZeRO stage: converting it to {out} (once)")
         with weights_only_loading(tag_dir):
-            convert_to_universal(tag_dir, tmp, workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
+            if int(json.loads((tag_dir / "meta.json").read_text()).get("pp_size", 1)) > 1:
+                pipeline_to_universal(tag_dir, tmp)
+            else:
+                convert_to_universal(tag_dir, tmp, workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
         complete_universal_folder(tmp)
         for path in tmp.rglob("*"):
             if path.is_file():

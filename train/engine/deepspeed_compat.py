@@ -8,6 +8,8 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
 - place_zero3_expert_param: ZeRO-3 reads a per-parameter `ds_zero_partition_process_group` (its AutoEP placement).
 - gate_optimizer_step: torch LR schedulers wrap `optimizer.step` once and mark it `_wrapped_by_lr_sched`.
 - count_checkpoint_writes: every file of `save_checkpoint` goes through `engine.checkpoint_engine.save`.
+- model_states_from_every_tensor_parallel_rank: the MoE save picks its writers with
+  `checkpoint_engine.is_data_parallel_writer` of the expert-data-parallel rank.
 - weights_only_loading: DeepSpeed calls `torch.load` without `weights_only`; torch honours an environment override.
 - convert_to_universal: `deepspeed.checkpoint.ds_to_universal` is a script; its `main` takes an argparse namespace.
 - complete_universal_folder: `ds_to_universal` writes the model-state file under one name and no ZeRO-3 optimizer
@@ -102,15 +104,20 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def create_expert_groups(ep_size: int):
+def create_expert_groups(ep_size: int, pp_size: int = 1, tp_size: int = 1):
     """Create (once) DeepSpeed's expert-parallel and expert-data-parallel groups of `ep_size`; returns the
     expert-parallel group of this rank. DeepSpeed creates them only inside its own MoE layer's constructor
-    (`set_deepspeed_parallelism`); ours are not DeepSpeed MoE layers, so we call the private function it calls."""
+    (`set_deepspeed_parallelism`); ours are not DeepSpeed MoE layers, so we call the private function it calls.
+    `pp_size` > 1: the groups are built inside each pipeline stage (its `pp_size` argument: stage-major ranks, world /
+    pp_size per stage), before the pipeline's own groups exist. `tp_size` > 1: its "TP-strided native MoE topology"
+    (`mp_size`, `mp_mode="tp"`): expert-parallel groups over the ranks of one tensor-parallel rank (world 4, tp 2, ep 2:
+    [0, 2], [1, 3]), expert-data-parallel groups over the rest ([0, 1], [2, 3])."""
     from deepspeed.utils import groups
 
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
+        mp = {"mp_size": tp_size, "mp_mode": "tp"} if tp_size > 1 else {}
+        groups._create_expert_and_data_parallel(ep_size, pp_size=pp_size, **mp)
     return groups._get_expert_parallel_group(name)
 
 
@@ -278,6 +285,28 @@ def count_checkpoint_writes(engine, before_write: Callable[[Path], None]) -> Ite
         yield written
     finally:
         engine.checkpoint_engine.save = ds_save
+
+
+@contextlib.contextmanager
+def model_states_from_every_tensor_parallel_rank(engine) -> Iterator[None]:
+    """Within the block (a `save_checkpoint`), let the first data-parallel rank of every tensor-parallel rank write
+    its model-states file (`mp_rank_NN_model_states.pt`) when the model has expert-parallel layers.
+
+    DeepSpeed's MoE save (`_save_moe_checkpoint`) returns before writing the model states on every rank that is not
+    the first of its expert-data-parallel group (`checkpoint_engine.is_data_parallel_writer(exp_dp_rank)`). With
+    tensor parallelism that group holds the tensor-parallel peers, so only tensor-parallel rank 0 would write, and the
+    load fails ("checkpoint count 1 is different from saved mp_world_size 2"). Past that return the writer is chosen
+    by the data-parallel rank alone (and our expert weights never go to DeepSpeed's per-expert files, see
+    `expert_parallel_marker`), so answering True there changes nothing else."""
+    ce = engine.checkpoint_engine
+    if not (getattr(engine, "has_moe_layers", False) and engine.autotp_size() > 1):
+        yield
+        return
+    ce.is_data_parallel_writer = lambda dp_rank: True  # an instance attribute over the class's method
+    try:
+        yield
+    finally:
+        del ce.is_data_parallel_writer
 
 
 def _allow_deepspeed_globals() -> None:

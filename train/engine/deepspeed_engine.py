@@ -16,7 +16,7 @@ from model.output import ModelOutput
 from train.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from train.engine.deepspeed_compat import gate_optimizer_step
 from train.engine.distributed import Dist
-from train.engine.expert_parallel import gather_experts, is_expert_param
+from train.engine.expert_parallel import gather_experts, has_expert_params, is_expert_param, load_local_experts
 from train.engine.model_parallel import (
     adopt_vocab_parallel_head,
     init_tensor_parallel,
@@ -188,6 +188,18 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return out if main else None
 
 
+@torch.no_grad()
+def load_persistent_buffers(module: torch.nn.Module, weights: str) -> None:
+    """Copy every persistent buffer of `module` from `weights` (a checkpoint's model.safetensors)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        for prefix, mod in module.named_modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if name not in mod._non_persistent_buffers_set:
+                    buf.copy_(f.get_tensor(f"{prefix}.{name}" if prefix else name).to(buf))
+
+
 def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16), whose `step` updates the parameters."""
     opt = engine.optimizer
@@ -302,4 +314,11 @@ class Engine:
         return full_state_dict(self.ds)
 
     def after_load(self, tag_dir: Path) -> None:
-        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (nothing here)."""
+        """After DeepSpeed restored checkpoint `tag_dir`: whatever it leaves out (expert-parallel slices: see
+        `load_local_experts`; the persistent buffers after a universal load, such as the MoE routers' balancing
+        biases, which it never reads: the universal format holds optimizer-managed parameters only)."""
+        weights = str(tag_dir / "model.safetensors")
+        if has_expert_params(self.module):
+            load_local_experts(self.module, weights)
+        if self.ds.load_universal_checkpoint():
+            load_persistent_buffers(self.module, weights)

@@ -15,6 +15,8 @@ expert-data-parallel groups [0, 2], [1, 3] (gradient reduction of expert paramet
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -75,11 +77,12 @@ class AllToAllDispatcher(ExpertDispatcher):
         return _AllToAll.apply(t, in_splits, out_splits, self.group)
 
 
-def make_dispatcher(ep_size: int) -> AllToAllDispatcher | None:
-    """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective) and this rank's dispatcher."""
+def make_dispatcher(ep_size: int, pp_size: int = 1, tp_size: int = 1) -> AllToAllDispatcher | None:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups (collective; inside each pipeline stage when
+    `pp_size` > 1, over the ranks of one tensor-parallel rank when `tp_size` > 1) and this rank's dispatcher."""
     if ep_size == 1:
         return None
-    group = create_expert_groups(ep_size)
+    group = create_expert_groups(ep_size, pp_size, tp_size)
     return AllToAllDispatcher(group, ep_size, dist.get_rank(group=group))
 
 
@@ -92,14 +95,23 @@ MARKER = "deepspeed_ep_marker"
 """Attribute name of the marker on the model (a child module; it holds no state, so state dicts are unchanged)."""
 
 
-def prepare_model(model: nn.Module, ep_size: int, zero_stage: int) -> None:
-    """Tag the expert parameters as DeepSpeed does for its expert-parallel layers (before deepspeed.initialize)."""
+def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, tp_size: int = 1) -> None:
+    """Tag the expert parameters as DeepSpeed does for its expert-parallel layers (before deepspeed.initialize).
+
+    With tensor parallelism (`tp_size` > 1) the ranks of a tensor-parallel group see the same tokens and hold the
+    same experts, so each computes the same expert gradients and their expert-data-parallel group (which contains
+    them) would count them `tp_size` times: each gradient is divided by `tp_size` as it is produced. Their ZeRO
+    partitions of those experts differ, so every rank counts its own in the gradient norm (`model_parallel`, as for
+    a tensor-parallel shard) instead of only tensor-parallel rank 0."""
     name = expert_group_name(ep_size)
     for p in expert_params(model):
         p.allreduce = False  # DeepSpeed's mark of an expert-parallel parameter
         p.group_name = name
         if zero_stage == 3:
             place_zero3_expert_param(p, name)
+        if tp_size > 1:
+            p.model_parallel = True
+            p.register_hook(functools.partial(torch.div, other=tp_size))
     if zero_stage < 3:  # under ZeRO-3 the engine refuses native MoE layers; the placement above is enough there
         model.add_module(MARKER, expert_parallel_marker(ep_size, model.cfg.moe.n_routed_experts))
 

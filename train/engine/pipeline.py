@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import MoE
+from model.moe import Experts, MoE
 from model.output import ModelOutput
 from model.transformer import BlockRunner, Transformer
 from train.engine.deepspeed_engine import Engine
+from train.engine.expert_parallel import MARKER, gather_experts, is_expert_param
 
 
 class _Shared:
@@ -143,8 +144,32 @@ class PipeHead(nn.Module):
         return ModelOutput(ce_loss=ce_loss, aux_losses=aux_losses, mtp_losses=mtp_losses, expert_loads=loads)
 
 
+TIED_EMBEDDING = "tied_modules.embed."
+"""Prefix of the tied embedding's names in the PipelineModule (DeepSpeed's `tied_modules.<key>.`)."""
+
+
+def model_param_name(pipe_name: str, n_layers: int) -> str:
+    """The `Transformer` name of a parameter or buffer named `pipe_name` in `build_pipeline`'s PipelineModule.
+
+    DeepSpeed names each layer by its index in the layer list ([embedding, decoder blocks, head, embedding]) and the
+    tied embedding `tied_modules.embed.*`. Checkpoint conversion relies on it (train/checkpoint/pipeline_universal.py);
+    `PipelineEngine` checks it against the live modules at every start."""
+    if pipe_name.startswith(TIED_EMBEDDING):
+        return pipe_name[len(TIED_EMBEDDING) :]
+    index, _, rest = pipe_name.partition(".")
+    if index.isdigit() and 1 <= int(index) <= n_layers and rest.startswith("block."):
+        return f"layers.{int(index) - 1}.{rest[len('block.') :]}"
+    if index.isdigit() and int(index) == n_layers + 1:
+        return rest  # PipeHead: norm, lm_head, mtp
+    raise ValueError(f"{pipe_name!r} is not a parameter name of a {n_layers}-layer pipeline built by build_pipeline")
+
+
 def build_pipeline(model: Transformer, pp_size: int):
-    """DeepSpeed's PipelineModule of `model` in `pp_size` stages (collective: creates the pipeline's groups)."""
+    """DeepSpeed's PipelineModule of `model` in `pp_size` stages (collective: creates the pipeline's groups).
+
+    With expert parallelism (the expert groups were made inside each stage by `make_dispatcher`), the stage carries
+    DeepSpeed's MoE marker, so its ZeRO-1 optimizer partitions and reduces the expert weights over the stage's
+    expert-data-parallel group, as a non-pipeline job does over all ranks."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     shared = _Shared(model)
@@ -157,7 +182,30 @@ def build_pipeline(model: Transformer, pp_size: int):
     # dynamic_shape: validation batches may be shorter than training ones (the stages re-send shapes each time).
     # no_grad: the constructor broadcasts the tied embedding in place, which autograd would otherwise record.
     with torch.no_grad():
-        return PipelineModule(layers, num_stages=pp_size, partition_method="type:PipeBlock", dynamic_shape=True)
+        pipe = PipelineModule(layers, num_stages=pp_size, partition_method="type:PipeBlock", dynamic_shape=True)
+    marker = getattr(model, MARKER, None)
+    if marker is not None:
+        _check_experts_in_every_stage(model, pipe, layers, marker.ep_size)
+        pipe.add_module(MARKER, marker)
+    return pipe
+
+
+def _check_experts_in_every_stage(model: Transformer, pipe: nn.Module, layers: list, ep_size: int) -> None:
+    """Expert parallelism in a pipeline needs routed experts in every stage: ZeRO-1 reduces the gradient norm over
+    the stages once per optimizer parameter group, and a stage with expert weights has one group more."""
+    parts = pipe.parts
+    mtp_last = bool(model.cfg.mtp.depth)  # the MTP blocks (MoE layers) live in the head, on the last stage
+    for stage in range(len(parts) - 1):
+        blocks = [layer for layer in layers[parts[stage] : parts[stage + 1]] if isinstance(layer, PipeBlock)]
+        has_moe = any(isinstance(b.block.mlp, MoE) for b in blocks) or (stage == len(parts) - 2 and mtp_last)
+        if not has_moe:
+            raise ValueError(
+                f"parallel.ep_size={ep_size} with "
+                f"parallel.pp_size={len(parts) - 1}: pipeline stage {stage} holds decoder layers "
+                f"{[b.index for b in blocks]}, none of them MoE (model.moe.first_k_dense="
+                f"{model.cfg.moe.first_k_dense}), and expert parallelism needs routed experts in every stage. "
+                "Use fewer stages or more layers per stage, or ep_size=1"
+            )
 
 
 class PipelineEngine(Engine):
@@ -177,6 +225,16 @@ class PipelineEngine(Engine):
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = {n: p for p in pipe.parameters() if (n := names.get(id(p))) is not None}
         """This stage's parameters by their Transformer names (a tied embedding once)."""
+        for pipe_name, p in pipe.named_parameters():
+            if model_param_name(pipe_name, len(model.layers)) != names[id(p)]:
+                raise RuntimeError(f"model_param_name({pipe_name!r}) is not {names[id(p)]!r}: update it")
+        self._local_experts = {
+            id(p): slice(m.expert_offset, m.expert_offset + m.n_local)
+            for m in model.modules()
+            if isinstance(m, Experts) and m.dispatcher.ep_size > 1
+            for p in (m.gate_up_proj, m.down_proj)
+        }
+        """Expert parallelism: the rows of the full (E, ...) expert weights that this rank's slices hold."""
         _drop_other_stages(model, pipe)
 
     @property
@@ -226,18 +284,25 @@ class PipelineEngine(Engine):
     def after_load(self, tag_dir: Path) -> None:
         """DeepSpeed's pipeline checkpoint has no file for a tied layer (its `layer_NN` files come from the
         stage's modules, and the tied embedding is reached through a function), and ZeRO copies its restored fp32
-        partitions into the weights only at the next step: take this stage's weights from model.safetensors."""
+        partitions into the weights only at the next step: take this stage's weights from model.safetensors (this
+        rank's slices of expert-parallel weights)."""
         from safetensors import safe_open
 
         with safe_open(str(tag_dir / "model.safetensors"), framework="pt") as f:
             for name, p in self._names.items():
-                p.copy_(f.get_tensor(name).to(p))
+                local = self._local_experts.get(id(p))
+                p.copy_((f.get_tensor(name) if local is None else f.get_slice(name)[local]).to(p))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full fp32 weights on rank 0, gathered from the first data-parallel rank of every stage (collective)."""
+        """Full fp32 weights on rank 0, gathered from the first data-parallel rank of every stage (collective; expert
+        weights first from the stage's expert-parallel group)."""
         mine: dict[str, torch.Tensor] = {}
-        if self.ds.grid.get_data_parallel_rank() == 0:
-            mine = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self._names.items()}
+        first = self.ds.grid.get_data_parallel_rank() == 0
+        for n, p in self._names.items():
+            full = gather_experts(p) if is_expert_param(p) else p.data  # every rank of the stage, in the same order
+            if first:
+                mine[n] = full.detach().to("cpu", torch.float32).clone()
+        if first:
             local = {id(m) for m in self.ds.module.modules()}
             for name, module in self.model.named_modules():
                 if id(module) in local:

@@ -150,7 +150,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
         meta = read_meta(ckpt_dir, tag)
         check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
         universal = needs_universal(
-            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp
+            meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp, ep_size
         )
         check_data_unchanged(ckpt_dir / tag, manifest, cfg)
     token_bytes = tok.token_bytes() if hasattr(tok, "token_bytes") else None
@@ -215,23 +215,23 @@ def device_peak_flops(cfg: PretrainConfig, d: Dist) -> float:
 
 def build_model(model: ModelConfig, execution: ExecutionConfig, ep_size: int, seed: int, zero_stage: int,
                 sp_size: int = 1, hf_init: HFInit | None = None, ds_config: dict | None = None,
-                tp_size: int = 1):  # fmt: skip
+                pp_size: int = 1, tp_size: int = 1):  # fmt: skip
     """Same seed on every rank, so every rank starts from identical weights (and, with expert parallelism, from
-    its slices of the same experts). With ep_size > 1 this creates the expert groups, with sp_size > 1 the
-    sequence-parallel groups (collectives). Tensor parallelism shards the model later, in deepspeed.initialize.
-    With hf_init the weights are the base model's instead (tp_size > 1: sharded here, before loading, and the
-    tensor-parallel groups created; otherwise ds_config given under ZeRO-3: built partitioned; see
-    train.checkpoint.init_from_hf)."""
+    its slices of the same experts). With ep_size > 1 this creates the expert groups (inside each pipeline stage
+    when pp_size > 1, per tensor-parallel rank when tp_size > 1), with sp_size > 1 the sequence-parallel groups
+    (collectives). Tensor parallelism shards the model later, in deepspeed.initialize. With hf_init the weights are
+    the base model's instead (tp_size > 1: sharded here, before loading, and the tensor-parallel groups created;
+    otherwise ds_config given under ZeRO-3: built partitioned; see train.checkpoint.init_from_hf)."""
     ep_size = ep_size if model.moe.enabled else 1
     sp_group, shard = model_parallel.init_sequence_parallel(sp_size) if sp_size > 1 else (None, None)
-    dispatcher = expert_parallel.make_dispatcher(ep_size)
+    dispatcher = expert_parallel.make_dispatcher(ep_size, pp_size, tp_size)
     torch.manual_seed(seed)
     if hf_init is not None:
         module = build_from_hf(hf_init, execution, dispatcher, ds_config, shard, tp_size)
     else:
         module = Transformer(model, execution, dispatcher, shard)
     if dispatcher is not None:
-        expert_parallel.prepare_model(module, ep_size, zero_stage)
+        expert_parallel.prepare_model(module, ep_size, zero_stage, tp_size)
     if sp_group is not None:
         model_parallel.wrap_attention(module, sp_group)
     return optimize_model(module, execution.compile, execution.fp8)
@@ -274,7 +274,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
     if hf_init is not None and cfg.deepspeed.zero_stage == 3 and par.tp == 1:  # tp > 1 builds sharded instead
         ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, plan.layout, resolve_dtype(cfg.train, d.device))
     model = build_model(plan.model, cfg.execution, cfg.parallel.ep_size, cfg.train.seed, cfg.deepspeed.zero_stage,
-                        par.sp, hf_init, ds_config, par.tp)  # fmt: skip
+                        par.sp, hf_init, ds_config, par.pp, par.tp)  # fmt: skip
     ds_engine, _, scheduler = build_engine(model, cfg.train, cfg.optim, cfg.deepspeed, plan.layout, d,
                                            plan.load_universal, par.tp, par.sp, par.pp)  # fmt: skip
     dp_rank = par.dp_rank(d.rank)

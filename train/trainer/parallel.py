@@ -3,8 +3,11 @@
 Rank order. Tensor- and sequence-parallel groups are consecutive ranks (rank = dp_rank * tp * sp + inner), as
 DeepSpeed's AutoTP mesh builds them; with pipeline parallelism DeepSpeed's topology puts the stage first (rank =
 stage * dp + dp_rank). Ranks of one tensor- or sequence-parallel group read the same batch; so do the stages of
-one pipeline. `check` runs in the plan phase, before any process group exists, and refuses a layout with one
-message naming the setting and the fix.
+one pipeline. Expert-parallel groups are consecutive ranks too; with pipeline parallelism they lie inside one stage
+(world 4, pp 2, ep 2: [0, 1] and [2, 3]), and with tensor parallelism they join the ranks of the same tensor-parallel
+rank (world 4, tp 2, ep 2: [0, 2] and [1, 3]); either way ep_size divides the data-parallel size. `check` runs in
+the plan phase, before any process group exists, and refuses a layout with one message naming the setting and the
+fix.
 """
 
 from __future__ import annotations
@@ -126,17 +129,24 @@ class ParallelLayout:
             )
 
     def _check_ep(self, model: ModelConfig, zero_stage: int) -> None:
-        if self.pp > 1:
-            raise ValueError(
-                f"parallel.ep_size={self.ep} with parallel.pp_size={self.pp}: expert parallelism inside pipeline "
-                "stages is not implemented (the expert groups would have to be built per stage, and DeepSpeed's "
-                "pipeline engine checkpoints MoE layers on another path). Use ep_size=1 with pipeline parallelism: "
-                "each stage then holds all experts of its MoE layers"
-            )
         if self.tp > 1:
+            if zero_stage == 3:
+                raise ValueError(
+                    f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp} under deepspeed.zero_stage=3: tensor "
+                    "with expert parallelism is implemented for ZeRO-1 and ZeRO-2 only (ZeRO-3's per-parameter "
+                    "expert placement is untested beside AutoTP). Use deepspeed.zero_stage=1 or 2"
+                )
+            if self.dp % self.ep:
+                raise ValueError(
+                    f"parallel.ep_size={self.ep} must divide the data-parallel size {self.dp} (world "
+                    f"{self.world_size} / parallel.tp_size={self.tp}): with tensor parallelism the experts are "
+                    "sharded over the data-parallel ranks of each tensor-parallel rank. Choose an ep_size that "
+                    f"divides {self.dp}, or launch more ranks"
+                )
+        if self.pp > 1 and self.dp % self.ep:
             raise ValueError(
-                f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp}: tensor-parallel ranks hold the same "
-                "tokens, and routing them to experts on those ranks is not implemented. Use ep_size=1 with "
-                "tensor parallelism, or sequence parallelism with expert parallelism"
+                f"parallel.ep_size={self.ep} must divide the data-parallel size {self.dp} (world {self.world_size} / "
+                f"parallel.pp_size={self.pp}): with pipeline parallelism the expert groups are built inside each "
+                f"stage, over its data-parallel ranks. Choose an ep_size that divides {self.dp}, or launch more ranks"
             )
         check_ep_size(self.ep, self.world_size, model.moe.n_routed_experts, zero_stage)

@@ -71,13 +71,34 @@ def test_a_tensor_parallel_change_goes_through_the_universal_checkpoint():
         needs_universal({**saved, "zero_stage": 0}, 2, 0, Path("ckpt"), tp_size=1)
 
 
-def test_a_pipeline_checkpoint_resumes_only_on_its_own_layout():
+def test_a_pipeline_checkpoint_reshards_only_to_a_layout_without_pipeline():
     saved = {"world_size": 2, "zero_stage": 1, "pp_size": 2}
     assert not needs_universal(saved, 2, 1, Path("ckpt"), pp_size=2)
-    for world, pp in ((1, 1), (2, 1), (4, 2)):
-        with pytest.raises(
-            ValueError, match="a pipeline layout cannot be resharded. Resume with parallel.pp_size=2 on 2"
-        ):
-            needs_universal(saved, world, 1, Path("ckpt"), pp_size=pp)
-    with pytest.raises(ValueError, match="with parallel.pp_size=2 on 2 ranks"):
+    for world, stage in ((1, 1), (2, 1), (2, 2), (4, 3)):  # train/checkpoint/pipeline_universal.py converts it
+        assert needs_universal(saved, world, stage, Path("ckpt"))
+    for world, pp, tp, ep, stage in ((4, 2, 1, 1, 1), (2, 1, 2, 1, 1), (2, 1, 1, 2, 1), (2, 1, 1, 1, 0)):
+        with pytest.raises(ValueError, match="Resume with parallel.pp_size=2 on 2 ranks, or with pp_size=1"):
+            needs_universal(saved, world, stage, Path("ckpt"), tp_size=tp, pp_size=pp, ep_size=ep)
+    with pytest.raises(ValueError, match="with parallel.pp_size=2, tp_size=1, ep_size=1 on 2 ranks"):
         needs_universal({"world_size": 1, "zero_stage": 1}, 2, 1, Path("ckpt"), pp_size=2)
+
+
+def test_a_tensor_and_expert_parallel_checkpoint_is_not_resharded():
+    saved = {"world_size": 4, "zero_stage": 1, "tp_size": 2}
+    assert not needs_universal(saved, 4, 1, Path("ckpt"), tp_size=2, ep_size=2)
+    with pytest.raises(ValueError, match="DeepSpeed's universal conversion fails on expert weights"):
+        needs_universal(saved, 2, 1, Path("ckpt"), tp_size=1, ep_size=2)
+
+
+def test_pipeline_parameter_names_map_to_the_model_s():
+    """The converter's name map (PipelineEngine also checks it against the live modules at every start)."""
+    from train.engine.pipeline import model_param_name
+
+    assert model_param_name("tied_modules.embed.embed_tokens.weight", 2) == "embed_tokens.weight"
+    assert model_param_name("1.block.self_attn.q_proj.weight", 2) == "layers.0.self_attn.q_proj.weight"
+    assert model_param_name("2.block.mlp.experts.down_proj", 2) == "layers.1.mlp.experts.down_proj"
+    assert model_param_name("3.norm.weight", 2) == "norm.weight"
+    assert model_param_name("3.mtp.0.eh_proj.weight", 2) == "mtp.0.eh_proj.weight"
+    for name in ("0.embed_tokens.weight", "4.embed_tokens.weight", "1.norm.weight"):
+        with pytest.raises(ValueError, match="is not a parameter name of a 2-layer pipeline"):
+            model_param_name(name, 2)

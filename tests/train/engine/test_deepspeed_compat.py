@@ -39,6 +39,7 @@ def test_expert_groups_private_api_exists():
 
     params = list(inspect.signature(groups._create_expert_and_data_parallel).parameters)
     assert params[0] == "expert_parallel_size_", params  # create_expert_groups
+    assert "pp_size" in params, params  # expert groups inside each pipeline stage
     for name in ("_get_expert_parallel_group_dict", "_get_expert_parallel_group", "_get_expert_data_parallel_group"):
         assert callable(getattr(groups, name)), name
 

@@ -22,6 +22,10 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
         ParallelLayout(2, sp=2),
         ParallelLayout(4, sp=2, ep=2),
         ParallelLayout(2, pp=2),
+        ParallelLayout(4, tp=2, ep=2),  # expert groups over the data-parallel ranks of each tensor-parallel rank
+        ParallelLayout(8, tp=2, ep=4),
+        ParallelLayout(4, pp=2, ep=2),  # expert groups inside each stage's data-parallel ranks
+        ParallelLayout(8, pp=2, ep=2),
     ):
         layout.check(MOE if layout.ep > 1 else NANO, 64, 1)
 
@@ -40,14 +44,16 @@ def test_data_parallel_size_is_world_over_model_parallel_degrees():
             1,
             "must divide model.vocab_size=2048",
         ),  # fmt: skip
-        (ParallelLayout(2, tp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 with parallel.tp_size=2"),
+        (ParallelLayout(2, tp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 must divide the data-parallel size 1"),
+        (ParallelLayout(4, tp=2, ep=2), MOE, 64, 3, "parallel.ep_size=2 with parallel.tp_size=2 under deepspeed.zero"),
         (ParallelLayout(2, sp=2), NANO, 63, 1, "parallel.sp_size=2 must divide train.seq_len=63"),
         (ParallelLayout(4, sp=4), NANO, 64, 1, "parallel.sp_size=4 must divide model.n_kv_heads=2"),
         (ParallelLayout(2, pp=2), NANO, 64, 2, "DeepSpeed refuses ZeRO-2 and ZeRO-3 with pipeline"),
         (ParallelLayout(2, pp=2), NANO, 64, 3, "Use\ndeepspeed.zero_stage=1".replace("\n", " ")),
         (ParallelLayout(4, pp=4), NANO, 64, 1, "parallel.pp_size=4 exceeds model.n_layers=2"),
         (ParallelLayout(2, pp=2), NANO, 64, 0, "parallel.pp_size=2 with deepspeed.zero_stage=0"),
-        (ParallelLayout(4, pp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 with parallel.pp_size=2: expert"),
+        (ParallelLayout(4, pp=2, ep=4), MOE, 64, 1, "parallel.ep_size=4 must divide the data-parallel size 2"),
+        (ParallelLayout(6, pp=2, ep=2), MOE, 64, 1, "parallel.ep_size=2 must divide the data-parallel size 3"),
         (ParallelLayout(2, sp=2, ep=4), MOE, 64, 1, "model.moe.ep_size=4 must divide the number of ranks (2)"),
     ],
 )

@@ -80,6 +80,44 @@ def test_pipeline_2_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("saved", "nproc", "model", "layout", "resume_with"),
+    [
+        # pp 2 x dp 2 (ZeRO-1 partitions over 2 ranks per stage) -> 2 ranks, ZeRO-2
+        ("pp2_dp2_nano", 4, DENSE, ("parallel.pp_size=2",), ("deepspeed.zero_stage=2",)),
+        # pp 2 -> 1 rank; the routers' balancing biases (buffers) come back too
+        ("pp2_deepseek_tiny", 2, DEEPSEEK, ("parallel.pp_size=2",), ()),
+    ],
+    ids=["dense_pp2_dp2_to_zero2_on_2", "deepseek_pp2_to_1"],
+)
+def test_a_pipeline_checkpoint_resumes_without_pipeline(
+    runs, tiny_tokenizer, tiny_data, tmp_path, saved, nproc, model, layout, resume_with
+):
+    """Our converter (train/checkpoint/pipeline_universal.py; DeepSpeed's ds_to_universal cannot read a
+    PipelineModule checkpoint) writes the universal checkpoint a job without pipeline parallelism resumes from:
+    weights and Adam states, so steps 4-6 (two of them after updates from the restored moments) give the losses of
+    the uninterrupted pipeline run and of the single-rank run."""
+    src = runs(saved, nproc, model, *layout)
+    ref = runs(f"base_{model[0].split('=')[1]}", 1, model)
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    extra = ("deepspeed.zero_stage=1", *resume_with)
+    proc = launch(2 if resume_with else 1, args(tiny_tokenizer, tiny_data, run_dir, model, *extra))
+    assert "converting it to" in proc.stderr and "resumed from" in proc.stderr
+    got = losses(run_dir)
+    for want in (losses(src), losses(ref)):
+        for step in range(4, STEPS + 1):
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+    if model == DENSE:
+        assert_same_weights(run_dir, src)
+    else:  # a universal load restores parameters only: the biases must come back from model.safetensors
+        got, want = (load_file(r / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors") for r in (run_dir, src))
+        biases = [k for k in want if k.endswith("e_score_correction_bias")]
+        assert biases and any(want[k].abs().max() > 0 for k in biases)
+        for key in biases:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
 def test_export_of_a_pipeline_run_is_the_single_rank_model(runs, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -92,3 +130,53 @@ def test_export_of_a_pipeline_run_is_the_single_rank_model(runs, tmp_path):
     assert sorted(got) == sorted(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _metric_rows(run, key: str) -> list[dict]:
+    import json
+
+    return [row for line in (run / "metrics.jsonl").read_text().splitlines() if key in (row := json.loads(line))]
+
+
+@pytest.mark.slow
+def test_pipeline_2_with_expert_parallel_2_trains_like_one_rank(runs):
+    """4 processes, pp 2 x dp 2, ep 2 (DeepSeek-V3's PP + EP + ZeRO-1): stages [0, 1] and [2, 3], expert groups
+    [0, 1] and [2, 3] inside them, each rank holding 4 of the 8 routed experts of its stage's MoE layers."""
+    ref = runs("base_deepseek_tiny", 1, DEEPSEEK)
+    run = runs("pp2_ep2", 4, DEEPSEEK, "parallel.pp_size=2", "parallel.ep_size=2")
+    assert_same_losses(run, ref)
+    for got, want in zip(_metric_rows(run, "aux_loss"), _metric_rows(ref, "aux_loss"), strict=True):
+        for key in ("aux_loss", "mtp_loss", "moe_max_violation", "grad_norm"):
+            assert math.isclose(got[key], want[key], rel_tol=1e-5), (key, got[key], want[key])
+    # model.safetensors holds all experts in global order (gathered from each stage's expert group); the tied
+    # embedding's tolerance as in test_pipeline_2_trains_like_one_rank.
+    got, want = (load_file(r / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors") for r in (run, ref))
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_pipeline_with_expert_parallel_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
+    src = runs("pp2_ep2", 4, DEEPSEEK, "parallel.pp_size=2", "parallel.ep_size=2")
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    extra = ("deepspeed.zero_stage=1", "parallel.pp_size=2", "parallel.ep_size=2")
+    proc = launch(4, args(tiny_tokenizer, tiny_data, run_dir, DEEPSEEK, *extra))
+    assert "resumed from" in proc.stderr
+    got, want = losses(run_dir), losses(src)
+    for step in range(4, STEPS + 1):
+        assert got[step] == want[step], (step, got[step], want[step])
+    assert_same_weights(run_dir, src)
+
+
+@pytest.mark.slow
+def test_expert_parallel_refuses_a_stage_without_moe_layers(tiny_tokenizer, tiny_data, tmp_path):
+    """first_k_dense=2 of 3 layers: stage 0 holds the two dense layers (ZeRO-1 would reduce the gradient norm over
+    the stages once per parameter group, and only the other stage has expert groups)."""
+    extra = ("deepspeed.zero_stage=1", "parallel.pp_size=2", "parallel.ep_size=2", "model.moe.first_k_dense=2")
+    proc = run_module("torchrun", "--standalone", "--nproc_per_node=4", "-m", "train.pretrain",
+                      *args(tiny_tokenizer, tiny_data, tmp_path / "run", DEEPSEEK, *extra), check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "error: parallel.ep_size=2 with parallel.pp_size=2: pipeline stage 0 holds decoder layers [0, 1]" in (
+        proc.stderr
+    )
