@@ -16,6 +16,15 @@ them, plus those split across its boundaries); under ZeRO-3 every parameter is s
 orthogonalizes every matrix of the sub-group. The all-gather moves the group's size once per step (the same volume
 as ZeRO-1/2's parameter all-gather) and needs a transient full-size fp32 buffer.
 
+Tensor parallelism (AutoTP) gives a rank a slice of some matrices: column-parallel weights (q/k/v, MLA q_b/kv_b,
+gate/up) a block of output rows, row-parallel ones (o_proj, down_proj) a block of input columns. Orthogonalizing a
+slice alone would be another update (a different matrix's polar factor, scaled by the slice's shape), so once the
+rank has the direction of its slices (whole, or rebuilt from ZeRO's partitions as above), one all-gather over the
+tensor-parallel group gives every rank all the slices of those matrices; each orthogonalizes the whole matrices and
+keeps its own slice, the scale from the whole matrix's shape. The tensor-parallel ranks of a group thus compute the
+same Newton-Schulz (tp times the work of one rank, as Megatron-Core's "duplicated" mode), and replicated weights
+are stepped as without tensor parallelism.
+
 The momentum is stored under Adam's first-moment key `exp_avg` and `state_dict` adds a zero `exp_avg_sq`, because
 DeepSpeed's universal-checkpoint tools (resharded resume) carry exactly those keys.
 """
@@ -32,7 +41,7 @@ from model import accelerator
 from model.loss import LMHead
 from model.moe import Experts, Router
 from train.config import MuonConfig, OptimConfig
-from train.engine.deepspeed_compat import FlatLayout, FlatParam
+from train.engine.deepspeed_compat import FlatLayout, FlatParam, TPShard
 
 MatrixSpec = tuple[int, int, int]
 """A parameter seen as a batch of matrices: (count, fan_out, fan_in)."""
@@ -132,13 +141,20 @@ class MuonAdamW(torch.optim.Optimizer):
         self.specs = specs
         self.ns_dtype = dtype
         self.layouts: dict[int, FlatLayout] = {}
+        self.tp: dict[int, TPShard] = {}
 
     def bind(self, layouts: list[FlatLayout]) -> None:
         """ZeRO 1-3: the flat partitions this optimizer steps, and where each parameter's elements are in them."""
         self.layouts = {id(layout.flat): layout for layout in layouts}
 
-    def _spec(self, p: torch.Tensor) -> MatrixSpec:
-        return self.specs[id(p)]
+    def bind_tensor_parallel(self, shards: dict[int, TPShard]) -> None:
+        """Tensor parallelism: which Muon weights are a slice of a matrix (id(model parameter) -> its slice); their
+        matrix view becomes the whole matrix's."""
+        self.tp = {k: s for k, s in shards.items() if k in self.specs}
+        for k, s in self.tp.items():
+            if len(s.full) != 2:
+                raise ValueError(f"tensor-parallel Muon weight of shape {tuple(s.full)}: only 2-D slices are handled")
+            self.specs[k] = (1, *s.full)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -147,15 +163,17 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not group["use_muon"]:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["use_muon"]:
+                for p in params:
                     self._adamw(p, group)
-                elif id(p) in self.layouts:
+                continue
+            for p in params:
+                if id(p) in self.layouts:
                     self._muon_flat(p, self.layouts[id(p)], group)
-                else:
-                    self._muon_whole(p, group)
+            whole = [p for p in params if id(p) not in self.layouts]
+            if whole:
+                self._muon_whole(whole, group)
         return loss
 
     # --- AdamW -------------------------------------------------------------------------------------------------
@@ -198,25 +216,61 @@ class MuonAdamW(torch.optim.Optimizer):
                           self.ns_dtype)  # fmt: skip
         return o.reshape(-1) * (group["rms_scale"] * math.sqrt(max(rows, cols)))
 
-    def _muon_whole(self, p: torch.Tensor, group: dict) -> None:
-        update = self._orthogonal_update(self._momentum(p, group), self._spec(p), group).view_as(p)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"])
+    def _updates(self, items: list[tuple[int, torch.Tensor]], group: dict) -> list[torch.Tensor]:
+        """(id of a model weight, its direction u, whole or this rank's tensor-parallel slice, any shape) -> its
+        orthogonal update in u's layout, flattened. The slices are all-gathered over their tensor-parallel group in
+        one collective (the ranks of a group list the same weights in the same order), orthogonalized whole and
+        cut back to this rank's slice."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        sliced = []
+        for i, (key, u) in enumerate(items):
+            if key in self.tp:
+                sliced.append(i)
+            else:
+                out[i] = self._orthogonal_update(u, self.specs[key], group)
+        if not sliced:
+            return out
+        first = self.tp[items[sliced[0]][0]]
+        send = torch.cat([items[i][1].reshape(-1) for i in sliced])
+        parts = [torch.empty_like(send) for _ in range(first.world)]
+        dist.all_gather(parts, send, group=first.group)
+        offset = 0
+        for i in sliced:
+            key, u = items[i]
+            shard, n = self.tp[key], u.numel()
+            if shard.group is not first.group or shard.local.numel() != n:
+                raise RuntimeError(f"tensor-parallel Muon weight {tuple(shard.full)}: slice or group mismatch")
+            whole = torch.cat([p[offset : offset + n].view(shard.local) for p in parts], dim=shard.dim)
+            o = self._orthogonal_update(whole, self.specs[key], group).view(shard.full)
+            rows = shard.local[shard.dim]
+            out[i] = o.narrow(shard.dim, shard.index * rows, rows).reshape(-1)
+            offset += n
+        return out
+
+    def _muon_whole(self, params: list[torch.Tensor], group: dict) -> None:
+        directions = [(id(p), self._momentum(p, group)) for p in params]
+        for p, update in zip(params, self._updates(directions, group), strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update.view_as(p), alpha=-group["lr"])
 
     def _muon_flat(self, flat: torch.Tensor, layout: FlatLayout, group: dict) -> None:
         u = self._momentum(flat, group)
         parts = [torch.empty_like(u) for _ in range(layout.world)]
         dist.all_gather(parts, u.contiguous(), group=layout.group)
-        update = torch.zeros_like(flat)
+        items, mine = [], []
         for fp in layout.params:
-            mine = [s for s in fp.segments if s.rank == layout.rank]
-            if not mine:
+            segments = [s for s in fp.segments if s.rank == layout.rank]
+            if not segments:
                 continue
-            full = torch.empty(fp.shape.numel(), dtype=u.dtype, device=u.device)
+            # This rank's copy of the weight (under tensor parallelism, its slice), rebuilt from the partitions.
+            whole = torch.empty(fp.shape.numel(), dtype=u.dtype, device=u.device)
             for s in fp.segments:
-                full[s.param_start : s.param_start + s.length] = parts[s.rank][s.offset : s.offset + s.length]
-            o = self._orthogonal_update(full, self._spec(fp.param), group)
-            for s in mine:
+                whole[s.param_start : s.param_start + s.length] = parts[s.rank][s.offset : s.offset + s.length]
+            items.append((id(fp.param), whole))
+            mine.append(segments)
+        update = torch.zeros_like(flat)
+        for o, segments in zip(self._updates(items, group), mine, strict=True):
+            for s in segments:
                 update[s.offset : s.offset + s.length] = o[s.param_start : s.param_start + s.length]
         flat.mul_(1 - group["lr"] * group["weight_decay"])
         flat.add_(update, alpha=-group["lr"])
@@ -291,17 +345,11 @@ def check_optimizer(
     qk_norm: bool = False,
 ) -> None:
     """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet."""
-    if optim.name == "muon":
-        if tp_size > 1:
-            raise ValueError(
-                f"optim=muon with tensor parallelism (tp_size={tp_size}) is not supported yet: Newton-Schulz would "
-                "see one tensor-parallel shard of each matrix; use optim=adamw, or tp_size=1"
-            )
-        if offload_optimizer:
-            raise ValueError(
-                "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
-                "the offloaded partitions): use optim=adamw, or deepspeed.offload_optimizer=false"
-            )
+    if optim.name == "muon" and offload_optimizer:
+        raise ValueError(
+            "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
+            "the offloaded partitions): use optim=adamw, or deepspeed.offload_optimizer=false"
+        )
     if pp_size > 1 and (optim.name == "muon" or optim.qk_clip.enabled or optim.qk_clip.log_max_logit):
         what = "optim=muon" if optim.name == "muon" else "optim.qk_clip"
         raise ValueError(

@@ -1,5 +1,6 @@
-"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed
-ZeRO-STAGE on two real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
+"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp]]`: Muon under DeepSpeed
+ZeRO-STAGE on N real ranks (2 unless `tp`; expert-parallel degree EP, default 1) against a single-process reference
+implementation.
 
 Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
 micro-batches (mean loss), clips the full gradient and applies a plain per-matrix Muon (fp32 Newton-Schulz, written
@@ -8,6 +9,10 @@ must agree to 1e-5. The model is DeepSeek-style (MLA, shared + routed experts, M
 every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
 
 `rows`: instead, QK-clip's row scaling of a query and a key weight reaches ZeRO's fp32 master copy ("OK rows STAGE EP").
+
+`tp`: tensor parallelism of degree 2 (AutoTP; EP must be 1; N = 2 or 4, data-parallel N / 2): a rank holds a slice
+of the attention and dense/shared-expert MLP matrices, which must still be orthogonalized whole ("OK tp STAGE N";
+Newton-Schulz of a slice alone fails the comparison at the first step).
 """
 
 from __future__ import annotations
@@ -112,16 +117,20 @@ def main() -> None:
     from train.trainer.layout import make_layout
 
     stage, ep = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    rows_only = len(sys.argv) > 3 and sys.argv[3] == "rows"
+    mode = sys.argv[3] if len(sys.argv) > 3 else "update"
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tp = 2 if mode == "tp" else 1
+    dp = world // tp
     cfg = model_config()
     optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, warmup_steps=0, schedule="constant",
                         muon=MuonConfig(ns_dtype="fp32"))  # fmt: skip
     model = build_model(cfg, ExecutionConfig(), ep_size=ep, seed=0, zero_stage=stage)
-    train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=2, max_steps=STEPS)
-    d = Dist(rank, 2, rank, 2, torch.device("cpu"))
-    engine, _, _ = build_engine(model, train, optim, DeepSpeedConfig(zero_stage=stage), make_layout(64, 16, 2, 2), d)
+    micro = 4 // dp  # 4 sequences of 16 tokens per step, split over the data-parallel ranks
+    train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=micro, max_steps=STEPS)
+    d = Dist(rank, world, rank, world, torch.device("cpu"))
+    engine, _, _ = build_engine(model, train, optim, DeepSpeedConfig(zero_stage=stage), make_layout(64, 16, micro, dp),
+                                d, tp_size=tp)  # fmt: skip
 
     torch.manual_seed(0)
     ref = Transformer(cfg, ExecutionConfig())  # same seed, same weights, every expert local
@@ -137,7 +146,7 @@ def main() -> None:
     if rank == 0:
         for name, t in ref.state_dict().items():
             torch.testing.assert_close(first[name], t, rtol=0, atol=0, msg=f"initial {name}")
-    if rows_only:
+    if mode == "rows":
         check_row_scaler(engine, ref.state_dict())
         dist.barrier()
         if rank == 0:
@@ -146,8 +155,8 @@ def main() -> None:
         return
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        batch = torch.randint(64, (2, 2, 17), generator=g)  # (rank, micro, T+1)
-        x = batch[rank]
+        batch = torch.randint(64, (2, 2, 17), generator=g)  # (data-parallel rank, micro, T+1)
+        x = batch.reshape(dp, -1, 17)[rank // tp]  # tensor-parallel groups are consecutive ranks
         engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
         engine.step()
         ref.zero_grad()
@@ -163,7 +172,7 @@ def main() -> None:
                 torch.testing.assert_close(full[name], t, rtol=1e-5, atol=1e-5, msg=f"step {step + 1} {name}")
     dist.barrier()
     if rank == 0:
-        print(f"OK {stage} {ep}", flush=True)
+        print(f"OK tp {stage} {world}" if mode == "tp" else f"OK {stage} {ep}", flush=True)
     dist.destroy_process_group()
 
 
