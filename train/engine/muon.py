@@ -334,6 +334,28 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class HeadMaxima:
+    """Every attention head's largest logit over all ranks, from what this rank tracked. Under tensor parallelism
+    (tp_size > 1) a rank holds the `index`-th of tp_size equal slices of consecutive heads of every layer (AutoTP
+    splits q/k column-parallel), so its maxima go to their heads' positions before the max over all ranks."""
+
+    def __init__(self, tp_size: int = 1) -> None:
+        self.tp, self.index = tp_size, 0
+        if tp_size > 1:
+            from deepspeed.utils import groups
+
+            self.index = groups.get_tensor_model_parallel_rank()
+
+    def __call__(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mine (layers, this rank's heads) -> (every head's maximum (layers, heads), the part of it for this rank's
+        heads), the same on every rank of a tensor-parallel group."""
+        h = mine.size(1)
+        every = torch.full((mine.size(0), h * self.tp), float("-inf"), dtype=mine.dtype, device=mine.device)
+        every[:, self.index * h : (self.index + 1) * h] = mine
+        all_reduce_max(every)
+        return every, every[:, self.index * h : (self.index + 1) * h]
+
+
 def check_optimizer(
     optim: OptimConfig,
     zero_stage: int,
@@ -357,11 +379,11 @@ def check_optimizer(
             "owns the optimizer step and its stages' flat partitions): use optim=adamw with qk_clip off, or pp_size=1"
         )
     if optim.qk_clip.enabled or optim.qk_clip.log_max_logit:
-        if tp_size > 1 or sp_size > 1:
+        if sp_size > 1:
             raise ValueError(
-                f"optim.qk_clip with tensor or sequence parallelism (tp_size={tp_size}, sp_size={sp_size}) is not "
-                "supported yet (a rank sees a slice of the heads or of the sequence, not every logit): set "
-                "optim.qk_clip.enabled=false optim.qk_clip.log_max_logit=false, or tp_size=sp_size=1"
+                f"optim.qk_clip with sequence parallelism (sp_size={sp_size}) is not supported yet (a rank sees the "
+                "logits of its shard of the sequence only): set optim.qk_clip.enabled=false "
+                "optim.qk_clip.log_max_logit=false, or sp_size=1 (tensor parallelism works)"
             )
         if qk_norm and optim.qk_clip.enabled:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp]]`: Muon under DeepSpeed
+"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp|tp,rows]]`: Muon under DeepSpeed
 ZeRO-STAGE on N real ranks (2 unless `tp`; expert-parallel degree EP, default 1) against a single-process reference
 implementation.
 
@@ -12,7 +12,8 @@ every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
 
 `tp`: tensor parallelism of degree 2 (AutoTP; EP must be 1; N = 2 or 4, data-parallel N / 2): a rank holds a slice
 of the attention and dense/shared-expert MLP matrices, which must still be orthogonalized whole ("OK tp STAGE N";
-Newton-Schulz of a slice alone fails the comparison at the first step).
+Newton-Schulz of a slice alone fails the comparison at the first step). `tp,rows`: the row check, each rank scaling
+the rows of its slices ("OK rows STAGE EP").
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class ReferenceMuon:
                 w.add_(ns(m), alpha=-LR * 0.2 * math.sqrt(max(m.shape)))
 
 
-def check_row_scaler(engine, ref_state: dict) -> None:
+def check_row_scaler(engine, ref_state: dict, tp: int) -> None:
     """QK-clip's weight edit under ZeRO: scale some rows of a query and a key weight, take a step with a negligible
-    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones."""
+    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones. Under tensor
+    parallelism (column-parallel weights) a rank scales the rows of its slice."""
     from train.engine.deepspeed_engine import full_state_dict
     from train.engine.muon import row_scaler
 
@@ -91,11 +93,11 @@ def check_row_scaler(engine, ref_state: dict) -> None:
     for name, param in edits.items():
         rows = torch.ones(want[name].shape[0])
         rows[3:7] = torch.tensor([0.5, 0.25, 2.0, 0.125])
-        scale(param, rows)
+        scale(param, rows.chunk(tp)[dist.get_rank() % tp])
         want[name] = want[name] * rows[:, None]
     for group in engine.optimizer.param_groups:
         group["lr"] = 1e-12
-    x = torch.randint(64, (2, 17))
+    x = torch.randint(64, (2, 17), generator=torch.Generator().manual_seed(2))  # the same on every rank
     engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
     engine.step()
     full = full_state_dict(engine)
@@ -117,10 +119,10 @@ def main() -> None:
     from train.trainer.layout import make_layout
 
     stage, ep = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    mode = sys.argv[3] if len(sys.argv) > 3 else "update"
+    modes = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else set()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    tp = 2 if mode == "tp" else 1
+    tp = 2 if "tp" in modes else 1
     dp = world // tp
     cfg = model_config()
     optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, warmup_steps=0, schedule="constant",
@@ -146,8 +148,8 @@ def main() -> None:
     if rank == 0:
         for name, t in ref.state_dict().items():
             torch.testing.assert_close(first[name], t, rtol=0, atol=0, msg=f"initial {name}")
-    if mode == "rows":
-        check_row_scaler(engine, ref.state_dict())
+    if "rows" in modes:
+        check_row_scaler(engine, ref.state_dict(), tp)
         dist.barrier()
         if rank == 0:
             print(f"OK rows {stage} {ep}", flush=True)
@@ -172,7 +174,7 @@ def main() -> None:
                 torch.testing.assert_close(full[name], t, rtol=1e-5, atol=1e-5, msg=f"step {step + 1} {name}")
     dist.barrier()
     if rank == 0:
-        print(f"OK tp {stage} {world}" if mode == "tp" else f"OK {stage} {ep}", flush=True)
+        print(f"OK tp {stage} {world}" if "tp" in modes else f"OK {stage} {ep}", flush=True)
     dist.destroy_process_group()
 
 

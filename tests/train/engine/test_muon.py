@@ -134,8 +134,7 @@ def test_unsupported_combinations_are_refused(name, stage, offload, bf16, tp, me
     ("name", "tp", "sp", "pp", "qk_norm", "message"),
     [
         ("muon", 1, 1, 2, False, "pipeline parallelism"),
-        ("adamw", 2, 1, 1, False, "tensor or sequence parallelism"),
-        ("adamw", 1, 2, 1, False, "tensor or sequence parallelism"),
+        ("adamw", 1, 2, 1, False, r"sequence parallelism \(sp_size=2\)"),
         ("adamw", 1, 1, 1, True, "qk_norm"),
     ],
 )
@@ -147,8 +146,10 @@ def test_layouts_qk_clip_cannot_see_are_refused(name, tp, sp, pp, qk_norm, messa
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_muon_with_tensor_parallelism_is_accepted(stage):
-    check_optimizer(OptimConfig(name="muon"), stage, False, False, tp_size=2)
+def test_muon_and_qk_clip_with_tensor_parallelism_are_accepted(stage):
+    optim = OptimConfig(name="muon")
+    optim.qk_clip.enabled = True
+    check_optimizer(optim, stage, False, False, tp_size=2)
 
 
 def test_unknown_optimizer_is_refused():

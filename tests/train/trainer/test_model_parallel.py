@@ -175,6 +175,31 @@ def test_muon_resume_under_tensor_parallel(runs, tiny_tokenizer, tiny_data, tmp_
             assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
 
 
+def metric_rows(run: Path) -> dict[int, dict]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [DENSE, DEEPSEEK], ids=["gqa", "mla"])
+def test_qk_clip_under_tensor_parallel_2_clips_like_one_rank(runs, model):
+    """A rank tracks and rescales its slice of the heads: the logged maxima (every head's, over the group), the
+    number of clipped heads and the weights after clipping are the single-rank run's."""
+    clip = (*MUON, "optim.qk_clip.enabled=true", "optim.qk_clip.tau=0.1")
+    ref = runs(f"clip_{_id(model)}", 1, model, *clip)
+    tp = runs(f"clip_tp2_{_id(model)}", 2, model, *clip, "parallel.tp_size=2")
+    assert_same_losses(tp, ref)
+    assert_same_weights(tp, ref)
+    got, want = metric_rows(tp), metric_rows(ref)
+    assert want[1]["qk_clipped_heads"] > 0
+    for step, row in want.items():
+        assert got[step]["qk_clipped_heads"] == row["qk_clipped_heads"], step
+        for key in (k for k in row if k.startswith("max_attn_logit")):
+            assert math.isclose(got[step][key], row[key], rel_tol=1e-5), (step, key, got[step][key], row[key])
+
+
 @pytest.mark.slow
 def test_export_writes_the_same_model_whatever_the_layout(runs, tmp_path):
     ref = runs("base_nano", 1, DENSE)
