@@ -13,6 +13,7 @@ import pytest
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from torch import nn
 
 from train.engine import deepspeed_compat as compat
 
@@ -127,3 +128,19 @@ def test_zero3_universal_loader_shortcuts_are_still_there():
     assert "[OPTIMIZER_STATE_DICT]['state'][0]['step']" in source
     assert "['step'] = state_step" in source
     assert '[OPTIMIZER_STATE_DICT]["param_groups"][0].items()' in source
+
+
+def test_autotp_layers_describe_their_slices():
+    from deepspeed.module_inject import auto_tp
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    # tensor_parallel_shards: the attributes it reads, and which dimension each layer splits.
+    column, row = LinearLayer(nn.Linear(8, 6, bias=False)), LinearAllreduce(nn.Linear(8, 6, bias=False), None)
+    for layer, split in ((column, 6), (row, 8)):
+        assert tuple(layer._orig_weight_shape) == (6, 8) and tuple(layer._partition_sizes) == (split,)
+        assert (layer.tp_index, layer.tp_world_size, layer.mp_group, layer.is_tp_parallel) == (0, 1, None, False)
+    assert not issubclass(LinearAllreduce, LinearLayer) and not issubclass(LinearLayer, LinearAllreduce)
+    assert compat.tensor_parallel_shards(nn.Sequential(column, row)) == {}  # no group: nothing is split
+    # model.attention.Attention.q_per_kv: AutoTP rewrites a split module's `n_heads`, not its `n_kv_heads`.
+    source = inspect.getsource(auto_tp.AutoTP.update_mp_params)
+    assert '"n_heads"' in source and '"n_kv_heads"' not in source
