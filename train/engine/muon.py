@@ -22,8 +22,8 @@ slice alone would be another update (a different matrix's polar factor, scaled b
 rank has the direction of its slices (whole, or rebuilt from ZeRO's partitions as above), one all-gather over the
 tensor-parallel group gives every rank all the slices of those matrices; each orthogonalizes the whole matrices and
 keeps its own slice, the scale from the whole matrix's shape. The tensor-parallel ranks of a group thus compute the
-same Newton-Schulz (tp times the work of one rank, as Megatron-Core's "duplicated" mode), and replicated weights
-are stepped as without tensor parallelism.
+same Newton-Schulz (as Megatron-Core's muon_tp_mode="duplicated"), and replicated weights are stepped as without
+tensor parallelism.
 
 The momentum is stored under Adam's first-moment key `exp_avg` and `state_dict` adds a zero `exp_avg_sq`, because
 DeepSpeed's universal-checkpoint tools (resharded resume) carry exactly those keys.
@@ -366,7 +366,8 @@ def check_optimizer(
     pp_size: int = 1,
     qk_norm: bool = False,
 ) -> None:
-    """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet."""
+    """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet. Every
+    tensor-parallel degree is supported (`tp_size` is taken with the rest of the layout, and refuses nothing)."""
     if optim.name == "muon" and offload_optimizer:
         raise ValueError(
             "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
