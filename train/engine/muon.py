@@ -19,11 +19,11 @@ as ZeRO-1/2's parameter all-gather) and needs a transient full-size fp32 buffer.
 Tensor parallelism (AutoTP) gives a rank a slice of some matrices: column-parallel weights (q/k/v, MLA q_b/kv_b,
 gate/up) a block of output rows, row-parallel ones (o_proj, down_proj) a block of input columns. Orthogonalizing a
 slice alone would be another update (a different matrix's polar factor, scaled by the slice's shape), so once the
-rank has the direction of its slices (whole, or rebuilt from ZeRO's partitions as above), one all-gather over the
-tensor-parallel group gives every rank all the slices of those matrices; each orthogonalizes the whole matrices and
-keeps its own slice, the scale from the whole matrix's shape. The tensor-parallel ranks of a group thus compute the
-same Newton-Schulz (as Megatron-Core's muon_tp_mode="duplicated"), and replicated weights are stepped as without
-tensor parallelism.
+rank has the direction of its slices (whole, or rebuilt from ZeRO's partitions as above), each matrix is orthogonalized
+whole by one rank of the tensor-parallel group (largest first, to the least loaded rank): one all-to-all sends it the
+other ranks' slices, it runs Newton-Schulz with the scale from the whole matrix's shape, and a second all-to-all
+returns every rank its slice of the result. Both move this rank's slices once, and the Newton-Schulz work is split
+over the group rather than repeated on every rank. Replicated weights are stepped as without tensor parallelism.
 
 The momentum is stored under Adam's first-moment key `exp_avg` and `state_dict` adds a zero `exp_avg_sq`, because
 DeepSpeed's universal-checkpoint tools (resharded resume) carry exactly those keys.
@@ -218,9 +218,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _updates(self, items: list[tuple[int, torch.Tensor]], group: dict) -> list[torch.Tensor]:
         """(id of a model weight, its direction u, whole or this rank's tensor-parallel slice, any shape) -> its
-        orthogonal update in u's layout, flattened. The slices are all-gathered over their tensor-parallel group in
-        one collective (the ranks of a group list the same weights in the same order), orthogonalized whole and
-        cut back to this rank's slice."""
+        orthogonal update in u's layout, flattened. Each sliced matrix is orthogonalized whole by one rank of its
+        tensor-parallel group (the ranks of a group list the same weights in the same order): one all-to-all sends
+        it every rank's slice, a second returns every rank its slice of the result."""
         out: list[torch.Tensor | None] = [None] * len(items)
         sliced = []
         for i, (key, u) in enumerate(items):
@@ -231,21 +231,55 @@ class MuonAdamW(torch.optim.Optimizer):
         if not sliced:
             return out
         first = self.tp[items[sliced[0]][0]]
-        send = torch.cat([items[i][1].reshape(-1) for i in sliced])
-        parts = [torch.empty_like(send) for _ in range(first.world)]
-        dist.all_gather(parts, send, group=first.group)
-        offset = 0
+        world, me = first.world, first.index
         for i in sliced:
-            key, u = items[i]
-            shard, n = self.tp[key], u.numel()
-            if shard.group is not first.group or shard.local.numel() != n:
+            shard = self.tp[items[i][0]]
+            if shard.group is not first.group or shard.local.numel() != items[i][1].numel():
                 raise RuntimeError(f"tensor-parallel Muon weight {tuple(shard.full)}: slice or group mismatch")
-            whole = torch.cat([p[offset : offset + n].view(shard.local) for p in parts], dim=shard.dim)
-            o = self._orthogonal_update(whole, self.specs[key], group).view(shard.full)
-            rows = shard.local[shard.dim]
-            out[i] = o.narrow(shard.dim, shard.index * rows, rows).reshape(-1)
+        owner = self._owners([self.tp[items[i][0]] for i in sliced], world)
+        by_rank = [[i for i, o in zip(sliced, owner, strict=True) if o == r] for r in range(world)]
+        sizes = [sum(items[i][1].numel() for i in idx) for idx in by_rank]
+        u0 = items[sliced[0]][1]
+
+        def cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(chunks) if chunks else u0.new_empty(0)
+
+        # To the owners: this rank's slice of every matrix, grouped by owner; back, rank t's chunk holds my slices.
+        send = cat([items[i][1].reshape(-1) for idx in by_rank for i in idx])
+        got = u0.new_empty(sizes[me] * world)
+        dist.all_to_all_single(got, send, [sizes[me]] * world, sizes, group=first.group)
+        chunks = got.view(world, sizes[me]) if sizes[me] else got.new_empty(world, 0)
+        results, offset = [], 0
+        for i in by_rank[me]:
+            key, n = items[i][0], items[i][1].numel()
+            shard = self.tp[key]
+            whole = torch.cat([c[offset : offset + n].view(shard.local) for c in chunks], dim=shard.dim)
+            results.append((shard, self._orthogonal_update(whole, self.specs[key], group).view(shard.full)))
             offset += n
+        pieces = []
+        for r in range(world):
+            for shard, o in results:
+                rows = shard.local[shard.dim]
+                pieces.append(o.narrow(shard.dim, r * rows, rows).reshape(-1))
+        back = u0.new_empty(sum(sizes))
+        dist.all_to_all_single(back, cat(pieces), sizes, [sizes[me]] * world, group=first.group)
+        for r, start in zip(range(world), [sum(sizes[:r]) for r in range(world)], strict=True):
+            for i in by_rank[r]:
+                n = items[i][1].numel()
+                out[i] = back[start : start + n]
+                start += n
         return out
+
+    @staticmethod
+    def _owners(shards: list[TPShard], world: int) -> list[int]:
+        """Which rank of the group orthogonalizes each matrix: largest Newton-Schulz cost (about m^2 n for m <= n)
+        first, to the least loaded rank (the same answer on every rank)."""
+        load, owner = [0] * world, [0] * len(shards)
+        cost = [min(s.full) ** 2 * max(s.full) for s in shards]
+        for j in sorted(range(len(shards)), key=lambda j: -cost[j]):
+            owner[j] = min(range(world), key=lambda r: load[r])
+            load[owner[j]] += cost[j]
+        return owner
 
     def _muon_whole(self, params: list[torch.Tensor], group: dict) -> None:
         directions = [(id(p), self._momentum(p, group)) for p in params]

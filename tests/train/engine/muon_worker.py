@@ -1,6 +1,6 @@
-"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp|tp,rows]]`: Muon under DeepSpeed
-ZeRO-STAGE on N real ranks (2 unless `tp`; expert-parallel degree EP, default 1) against a single-process reference
-implementation.
+"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp|tp,rows|slice]]`: Muon under
+DeepSpeed ZeRO-STAGE on N real ranks (2 unless `tp`; expert-parallel degree EP, default 1) against a single-process
+reference implementation.
 
 Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
 micro-batches (mean loss), clips the full gradient and applies a plain per-matrix Muon (fp32 Newton-Schulz, written
@@ -13,7 +13,8 @@ every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
 `tp`: tensor parallelism of degree 2 (AutoTP; EP must be 1; N = 2 or 4, data-parallel N / 2): a rank holds a slice
 of the attention and dense/shared-expert MLP matrices, which must still be orthogonalized whole ("OK tp STAGE N";
 Newton-Schulz of a slice alone fails the comparison at the first step). `tp,rows`: the row check, each rank scaling
-the rows of its slices ("OK rows STAGE EP").
+the rows of its slices ("OK rows STAGE EP"). `slice`: one matrix split over the N ranks by rows, then by columns,
+so all but one rank orthogonalize nothing ("OK slice N").
 """
 
 from __future__ import annotations
@@ -106,6 +107,29 @@ def check_row_scaler(engine, ref_state: dict, tp: int) -> None:
             torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def check_one_slice() -> None:
+    """MuonAdamW on a single tensor-parallel slice per rank (no ZeRO): the rank that orthogonalizes the whole matrix
+    returns each rank its slice of the single-process update."""
+    from train.config import MuonConfig, OptimConfig
+    from train.engine.deepspeed_compat import TPShard
+    from train.engine.muon import MuonAdamW
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    w, g = torch.randn(4 * world, 6 * world), torch.randn(4 * world, 6 * world)
+    optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, muon=MuonConfig(ns_dtype="fp32"))
+    # The first Nesterov direction is a multiple of g, and Newton-Schulz normalizes its input.
+    want = w * (1 - LR * WD) - LR * 0.2 * math.sqrt(max(w.shape)) * ns(g)
+    for dim in (0, 1):
+        n = w.shape[dim] // world
+        p = torch.nn.Parameter(w.narrow(dim, rank * n, n).clone())
+        p.grad = g.narrow(dim, rank * n, n).clone()
+        opt = MuonAdamW([{"params": [p], "use_muon": True}], {id(p): (1, *p.shape)}, optim, torch.float32)
+        opt.bind_tensor_parallel({id(p): TPShard(None, world, rank, dim, w.shape)})
+        opt.step()
+        torch.testing.assert_close(p.data, want.narrow(dim, rank * n, n), rtol=1e-5, atol=1e-6, msg=f"dim {dim}")
+
+
 def main() -> None:
     import deepspeed
 
@@ -122,6 +146,13 @@ def main() -> None:
     modes = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else set()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if "slice" in modes:
+        check_one_slice()
+        dist.barrier()
+        if rank == 0:
+            print(f"OK slice {world}", flush=True)
+        dist.destroy_process_group()
+        return
     tp = 2 if "tp" in modes else 1
     dp = world // tp
     cfg = model_config()

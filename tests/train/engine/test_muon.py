@@ -180,3 +180,8 @@ def test_tensor_parallel_muon_orthogonalizes_whole_matrices(nproc, stage):
     """TP=2 (and TP=2 x DP=2 on 4 ranks): each rank's slice of a matrix gets its slice of the whole matrix's
     update, as the single-process reference computes it."""
     assert f"OK tp {stage} {nproc}" in muon_worker(str(stage), "1", "tp", nproc=nproc)
+
+
+@pytest.mark.slow
+def test_a_rank_that_orthogonalizes_no_matrix_still_gets_its_slice():
+    assert "OK slice 2" in muon_worker("0", "1", "slice")
