@@ -248,7 +248,7 @@ class MuonAdamW(torch.optim.Optimizer):
         send = cat([items[i][1].reshape(-1) for idx in by_rank for i in idx])
         got = u0.new_empty(sizes[me] * world)
         dist.all_to_all_single(got, send, [sizes[me]] * world, sizes, group=first.group)
-        chunks = got.view(world, sizes[me]) if sizes[me] else got.new_empty(world, 0)
+        chunks = got.view(world, sizes[me])
         results, offset = [], 0
         for i in by_rank[me]:
             key, n = items[i][0], items[i][1].numel()
@@ -263,11 +263,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 pieces.append(o.narrow(shard.dim, r * rows, rows).reshape(-1))
         back = u0.new_empty(sum(sizes))
         dist.all_to_all_single(back, cat(pieces), sizes, [sizes[me]] * world, group=first.group)
-        for r, start in zip(range(world), [sum(sizes[:r]) for r in range(world)], strict=True):
-            for i in by_rank[r]:
-                n = items[i][1].numel()
-                out[i] = back[start : start + n]
-                start += n
+        start = 0  # rank 0's chunk first, each in the owner's order
+        for i in (i for idx in by_rank for i in idx):
+            n = items[i][1].numel()
+            out[i] = back[start : start + n]
+            start += n
         return out
 
     @staticmethod
