@@ -203,6 +203,9 @@ class Attention(LogitTracker, nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
+        # Query heads per key head, fixed here: tensor parallelism (DeepSpeed AutoTP) rewrites `n_heads` of the
+        # module to its slice's count, not `n_kv_heads`.
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.backend = backend
@@ -223,7 +226,7 @@ class Attention(LogitTracker, nn.Module):
         the threshold keep their weights."""
         gamma = gamma.float()
         hd = self.head_dim
-        if self.n_kv_heads == self.n_heads:
+        if self.q_per_kv == 1:
             root = gamma.sqrt().repeat_interleave(hd)
             return [(self.q_proj.weight, root), (self.k_proj.weight, root)]
         return [(self.q_proj.weight, gamma.repeat_interleave(hd))]

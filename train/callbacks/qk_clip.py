@@ -1,7 +1,8 @@
 """QK-clip (Kimi K2's MuonClip) and the `max_attn_logit` metric.
 
 Each step, every attention module records the largest pre-softmax logit of each head over the step's micro-batches
-(a tracker the model offers, off unless this component is registered); the maxima are all-reduced over the ranks.
+(a tracker the model offers, off unless this component is registered); the maxima are all-reduced over the ranks
+(`train.engine.muon.HeadMaxima`: under tensor parallelism a rank tracks and rescales its slice of the heads).
 `max_attn_logit` (the largest over layers) and `max_attn_logit/LAYER` are logged. With clipping on, after an applied
 update every head whose maximum exceeded tau has its query/key rows rescaled so that its logits shrink by
 gamma = tau / max (`qk_clip_scales` of the attention module says which rows), in the model's weights and in ZeRO's
@@ -17,7 +18,7 @@ import torch
 from model.attention import LogitTracker
 from train.callbacks.base import Callback, StepResult
 from train.config import QKClipConfig
-from train.engine.muon import all_reduce_max
+from train.engine.muon import HeadMaxima
 
 
 def clip_heads(module: LogitTracker, maxes: torch.Tensor, tau: float, scale_rows: Callable) -> int:
@@ -32,8 +33,9 @@ def clip_heads(module: LogitTracker, maxes: torch.Tensor, tau: float, scale_rows
 
 
 class QKClip(Callback):
-    def __init__(self, cfg: QKClipConfig, scale_rows: Callable) -> None:
+    def __init__(self, cfg: QKClipConfig, scale_rows: Callable, maxima: HeadMaxima | None = None) -> None:
         self.cfg, self.scale_rows = cfg, scale_rows
+        self.maxima = maxima or HeadMaxima()
         self.modules: list[tuple[str, LogitTracker]] = []
 
     def pre_train(self) -> None:
@@ -52,16 +54,20 @@ class QKClip(Callback):
         if not self.modules:
             return
         device = next(self.trainer.engine.module.parameters()).device
-        rows = []
-        for _, m in self.modules:
-            heads = m.n_heads
-            rows.append(m.max_logit.float() if m.max_logit is not None else torch.full((heads,), float("-inf")))
-        maxes = all_reduce_max(torch.stack([r.to(device) for r in rows]))  # (layers, heads), every rank alike
+        tracked = [m.max_logit for _, m in self.modules]
+        # Every layer has this rank's number of heads (all of them, or a tensor-parallel slice); a layer that ran
+        # no forward this step counts as -inf.
+        width = next((t.numel() for t in tracked if t is not None), 0)
+        if width == 0:
+            return
+        rows = [t.float().to(device) if t is not None else torch.full((width,), float("-inf"), device=device)
+                for t in tracked]  # fmt: skip
+        maxes, mine = self.maxima(torch.stack(rows))  # (layers, heads) every rank alike; (layers, this rank's)
         per_layer = maxes.amax(dim=1).tolist()
         metrics["max_attn_logit"] = max(per_layer)
         for (label, _), value in zip(self.modules, per_layer, strict=True):
             metrics[f"max_attn_logit/{label}"] = value
         if self.cfg.enabled and result.applied:
-            clipped = sum(clip_heads(m, maxes[i], self.cfg.tau, self.scale_rows)
-                          for i, (_, m) in enumerate(self.modules))  # fmt: skip
-            metrics["qk_clipped_heads"] = clipped
+            for i, (_, m) in enumerate(self.modules):
+                clip_heads(m, mine[i], self.cfg.tau, self.scale_rows)
+            metrics["qk_clipped_heads"] = int((maxes > self.cfg.tau).sum())

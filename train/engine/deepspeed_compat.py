@@ -23,6 +23,8 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
   early on a meta model; AutoTP skips a layer marked `replaced`; `TensorParallel_Layer.move` keeps meta tensors.
 - autotp_slice: each AutoTP parameter's `DS_AUTOTP_UC_META` attribute (universal-checkpoint metadata: partition_dim,
   partition_sizes, replicated) says which slice of the whole tensor a rank holds.
+- tensor_parallel_shards: which slice of which matrix an AutoTP weight holds (`LinearLayer` / `LinearAllreduce`
+  `_orig_weight_shape`, `_partition_sizes`, `tp_index`, `tp_world_size`, `mp_group`), read by Muon.
 """
 
 from __future__ import annotations
@@ -262,6 +264,46 @@ def zero_flat_layouts(ds_engine) -> list[FlatLayout]:
                 offset += pn
             layouts.append(layout)
     return layouts
+
+
+# --- tensor-parallel shards -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TPShard:
+    """A 2-D weight that is one rank's slice of a matrix under AutoTP: the `index`-th of `world` equal slices of
+    the `full` matrix along `dim` (0: column-parallel, output rows; 1: row-parallel, input columns), over `group`."""
+
+    group: object
+    world: int
+    index: int
+    dim: int
+    full: torch.Size
+
+    @property
+    def local(self) -> torch.Size:
+        """The shape of this rank's slice."""
+        shape = list(self.full)
+        shape[self.dim] //= self.world
+        return torch.Size(shape)
+
+
+def tensor_parallel_shards(model: nn.Module) -> dict[int, TPShard]:
+    """id(weight) -> its slice, for every weight AutoTP split (after deepspeed.initialize); replicated weights are
+    absent. AutoTP keeps the module's Parameter object and replaces its data with the slice."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (LinearLayer, LinearAllreduce)) or not module.is_tp_parallel:
+            continue
+        dim = 1 if isinstance(module, LinearAllreduce) else 0
+        sizes = tuple(module._partition_sizes)
+        if len(set(sizes)) != 1:
+            raise RuntimeError(f"AutoTP split {name}.weight unevenly {sizes}: expected equal slices")
+        full = torch.Size(module._orig_weight_shape)
+        out[id(module.weight)] = TPShard(module.mp_group, module.tp_world_size, module.tp_index, dim, full)
+    return out
 
 
 # --- checkpoint files -------------------------------------------------------------------------------------------

@@ -149,10 +149,14 @@ def build_engine(
     )
     if tp_size > 1:
         adopt_vocab_parallel_head(engine.module)
-    if optim.name == "muon" and ds.zero_stage > 0:
-        from train.engine.deepspeed_compat import zero_flat_layouts
+    if optim.name == "muon":
+        from train.engine.deepspeed_compat import tensor_parallel_shards, zero_flat_layouts
 
-        base_optimizer(engine).bind(zero_flat_layouts(engine))  # Newton-Schulz needs to find whole matrices
+        # Newton-Schulz needs whole matrices: where ZeRO's partitions and AutoTP's slices put their pieces.
+        if ds.zero_stage > 0:
+            base_optimizer(engine).bind(zero_flat_layouts(engine))
+        if tp_size > 1:
+            base_optimizer(engine).bind_tensor_parallel(tensor_parallel_shards(engine.module))
     return engine, optimizer, scheduler
 
 

@@ -16,6 +16,15 @@ them, plus those split across its boundaries); under ZeRO-3 every parameter is s
 orthogonalizes every matrix of the sub-group. The all-gather moves the group's size once per step (the same volume
 as ZeRO-1/2's parameter all-gather) and needs a transient full-size fp32 buffer.
 
+Tensor parallelism (AutoTP) gives a rank a slice of some matrices: column-parallel weights (q/k/v, MLA q_b/kv_b,
+gate/up) a block of output rows, row-parallel ones (o_proj, down_proj) a block of input columns. Orthogonalizing a
+slice alone would be another update (a different matrix's polar factor, scaled by the slice's shape), so once the
+rank has the direction of its slices (whole, or rebuilt from ZeRO's partitions as above), each matrix is orthogonalized
+whole by one rank of the tensor-parallel group (largest first, to the least loaded rank): one all-to-all sends it the
+other ranks' slices, it runs Newton-Schulz with the scale from the whole matrix's shape, and a second all-to-all
+returns every rank its slice of the result. Both move this rank's slices once, and the Newton-Schulz work is split
+over the group rather than repeated on every rank. Replicated weights are stepped as without tensor parallelism.
+
 The momentum is stored under Adam's first-moment key `exp_avg` and `state_dict` adds a zero `exp_avg_sq`, because
 DeepSpeed's universal-checkpoint tools (resharded resume) carry exactly those keys.
 """
@@ -32,7 +41,7 @@ from model import accelerator
 from model.loss import LMHead
 from model.moe import Experts, Router
 from train.config import MuonConfig, OptimConfig
-from train.engine.deepspeed_compat import FlatLayout, FlatParam
+from train.engine.deepspeed_compat import FlatLayout, FlatParam, TPShard
 
 MatrixSpec = tuple[int, int, int]
 """A parameter seen as a batch of matrices: (count, fan_out, fan_in)."""
@@ -132,13 +141,20 @@ class MuonAdamW(torch.optim.Optimizer):
         self.specs = specs
         self.ns_dtype = dtype
         self.layouts: dict[int, FlatLayout] = {}
+        self.tp: dict[int, TPShard] = {}
 
     def bind(self, layouts: list[FlatLayout]) -> None:
         """ZeRO 1-3: the flat partitions this optimizer steps, and where each parameter's elements are in them."""
         self.layouts = {id(layout.flat): layout for layout in layouts}
 
-    def _spec(self, p: torch.Tensor) -> MatrixSpec:
-        return self.specs[id(p)]
+    def bind_tensor_parallel(self, shards: dict[int, TPShard]) -> None:
+        """Tensor parallelism: which Muon weights are a slice of a matrix (id(model parameter) -> its slice); their
+        matrix view becomes the whole matrix's."""
+        self.tp = {k: s for k, s in shards.items() if k in self.specs}
+        for k, s in self.tp.items():
+            if len(s.full) != 2:
+                raise ValueError(f"tensor-parallel Muon weight of shape {tuple(s.full)}: only 2-D slices are handled")
+            self.specs[k] = (1, *s.full)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -147,15 +163,17 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not group["use_muon"]:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["use_muon"]:
+                for p in params:
                     self._adamw(p, group)
-                elif id(p) in self.layouts:
+                continue
+            for p in params:
+                if id(p) in self.layouts:
                     self._muon_flat(p, self.layouts[id(p)], group)
-                else:
-                    self._muon_whole(p, group)
+            whole = [p for p in params if id(p) not in self.layouts]
+            if whole:
+                self._muon_whole(whole, group)
         return loss
 
     # --- AdamW -------------------------------------------------------------------------------------------------
@@ -198,25 +216,95 @@ class MuonAdamW(torch.optim.Optimizer):
                           self.ns_dtype)  # fmt: skip
         return o.reshape(-1) * (group["rms_scale"] * math.sqrt(max(rows, cols)))
 
-    def _muon_whole(self, p: torch.Tensor, group: dict) -> None:
-        update = self._orthogonal_update(self._momentum(p, group), self._spec(p), group).view_as(p)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"])
+    def _updates(self, items: list[tuple[int, torch.Tensor]], group: dict) -> list[torch.Tensor]:
+        """(id of a model weight, its direction u, whole or this rank's tensor-parallel slice, any shape) -> its
+        orthogonal update in u's layout, flattened. Each sliced matrix is orthogonalized whole by one rank of its
+        tensor-parallel group (the ranks of a group list the same weights in the same order): one all-to-all sends
+        it every rank's slice, a second returns every rank its slice of the result."""
+        out: list[torch.Tensor | None] = [None] * len(items)
+        sliced = []
+        for i, (key, u) in enumerate(items):
+            if key in self.tp:
+                sliced.append(i)
+            else:
+                out[i] = self._orthogonal_update(u, self.specs[key], group)
+        if not sliced:
+            return out
+        first = self.tp[items[sliced[0]][0]]
+        world, me = first.world, first.index
+        for i in sliced:
+            shard = self.tp[items[i][0]]
+            if shard.group is not first.group or shard.local.numel() != items[i][1].numel():
+                raise RuntimeError(f"tensor-parallel Muon weight {tuple(shard.full)}: slice or group mismatch")
+        owner = self._owners([self.tp[items[i][0]] for i in sliced], world)
+        by_rank = [[i for i, o in zip(sliced, owner, strict=True) if o == r] for r in range(world)]
+        sizes = [sum(items[i][1].numel() for i in idx) for idx in by_rank]
+        u0 = items[sliced[0]][1]
+
+        def cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(chunks) if chunks else u0.new_empty(0)
+
+        # To the owners: this rank's slice of every matrix, grouped by owner; back, rank t's chunk holds my slices.
+        send = cat([items[i][1].reshape(-1) for idx in by_rank for i in idx])
+        got = u0.new_empty(sizes[me] * world)
+        dist.all_to_all_single(got, send, [sizes[me]] * world, sizes, group=first.group)
+        chunks = got.view(world, sizes[me])
+        results, offset = [], 0
+        for i in by_rank[me]:
+            key, n = items[i][0], items[i][1].numel()
+            shard = self.tp[key]
+            whole = torch.cat([c[offset : offset + n].view(shard.local) for c in chunks], dim=shard.dim)
+            results.append((shard, self._orthogonal_update(whole, self.specs[key], group).view(shard.full)))
+            offset += n
+        pieces = []
+        for r in range(world):
+            for shard, o in results:
+                rows = shard.local[shard.dim]
+                pieces.append(o.narrow(shard.dim, r * rows, rows).reshape(-1))
+        back = u0.new_empty(sum(sizes))
+        dist.all_to_all_single(back, cat(pieces), sizes, [sizes[me]] * world, group=first.group)
+        start = 0  # rank 0's chunk first, each in the owner's order
+        for i in (i for idx in by_rank for i in idx):
+            n = items[i][1].numel()
+            out[i] = back[start : start + n]
+            start += n
+        return out
+
+    @staticmethod
+    def _owners(shards: list[TPShard], world: int) -> list[int]:
+        """Which rank of the group orthogonalizes each matrix: largest Newton-Schulz cost (about m^2 n for m <= n)
+        first, to the least loaded rank (the same answer on every rank)."""
+        load, owner = [0] * world, [0] * len(shards)
+        cost = [min(s.full) ** 2 * max(s.full) for s in shards]
+        for j in sorted(range(len(shards)), key=lambda j: -cost[j]):
+            owner[j] = min(range(world), key=lambda r: load[r])
+            load[owner[j]] += cost[j]
+        return owner
+
+    def _muon_whole(self, params: list[torch.Tensor], group: dict) -> None:
+        directions = [(id(p), self._momentum(p, group)) for p in params]
+        for p, update in zip(params, self._updates(directions, group), strict=True):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update.view_as(p), alpha=-group["lr"])
 
     def _muon_flat(self, flat: torch.Tensor, layout: FlatLayout, group: dict) -> None:
         u = self._momentum(flat, group)
         parts = [torch.empty_like(u) for _ in range(layout.world)]
         dist.all_gather(parts, u.contiguous(), group=layout.group)
-        update = torch.zeros_like(flat)
+        items, mine = [], []
         for fp in layout.params:
-            mine = [s for s in fp.segments if s.rank == layout.rank]
-            if not mine:
+            segments = [s for s in fp.segments if s.rank == layout.rank]
+            if not segments:
                 continue
-            full = torch.empty(fp.shape.numel(), dtype=u.dtype, device=u.device)
+            # This rank's copy of the weight (under tensor parallelism, its slice), rebuilt from the partitions.
+            whole = torch.empty(fp.shape.numel(), dtype=u.dtype, device=u.device)
             for s in fp.segments:
-                full[s.param_start : s.param_start + s.length] = parts[s.rank][s.offset : s.offset + s.length]
-            o = self._orthogonal_update(full, self._spec(fp.param), group)
-            for s in mine:
+                whole[s.param_start : s.param_start + s.length] = parts[s.rank][s.offset : s.offset + s.length]
+            items.append((id(fp.param), whole))
+            mine.append(segments)
+        update = torch.zeros_like(flat)
+        for o, segments in zip(self._updates(items, group), mine, strict=True):
+            for s in segments:
                 update[s.offset : s.offset + s.length] = o[s.param_start : s.param_start + s.length]
         flat.mul_(1 - group["lr"] * group["weight_decay"])
         flat.add_(update, alpha=-group["lr"])
@@ -280,6 +368,28 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class HeadMaxima:
+    """Every attention head's largest logit over all ranks, from what this rank tracked. Under tensor parallelism
+    (tp_size > 1) a rank holds the `index`-th of tp_size equal slices of consecutive heads of every layer (AutoTP
+    splits q/k column-parallel), so its maxima go to their heads' positions before the max over all ranks."""
+
+    def __init__(self, tp_size: int = 1) -> None:
+        self.tp, self.index = tp_size, 0
+        if tp_size > 1:
+            from deepspeed.utils import groups
+
+            self.index = groups.get_tensor_model_parallel_rank()
+
+    def __call__(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mine (layers, this rank's heads) -> (every head's maximum (layers, heads), the part of it for this rank's
+        heads), the same on every rank of a tensor-parallel group."""
+        h = mine.size(1)
+        every = torch.full((mine.size(0), h * self.tp), float("-inf"), dtype=mine.dtype, device=mine.device)
+        every[:, self.index * h : (self.index + 1) * h] = mine
+        all_reduce_max(every)
+        return every, every[:, self.index * h : (self.index + 1) * h]
+
+
 def check_optimizer(
     optim: OptimConfig,
     zero_stage: int,
@@ -290,18 +400,13 @@ def check_optimizer(
     pp_size: int = 1,
     qk_norm: bool = False,
 ) -> None:
-    """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet."""
-    if optim.name == "muon":
-        if tp_size > 1:
-            raise ValueError(
-                f"optim=muon with tensor parallelism (tp_size={tp_size}) is not supported yet: Newton-Schulz would "
-                "see one tensor-parallel shard of each matrix; use optim=adamw, or tp_size=1"
-            )
-        if offload_optimizer:
-            raise ValueError(
-                "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
-                "the offloaded partitions): use optim=adamw, or deepspeed.offload_optimizer=false"
-            )
+    """Refuse, before any process group exists, the combinations Muon and QK-clip do not support yet. Every
+    tensor-parallel degree is supported (`tp_size` is taken with the rest of the layout, and refuses nothing)."""
+    if optim.name == "muon" and offload_optimizer:
+        raise ValueError(
+            "optim=muon with deepspeed.offload_optimizer=true is not supported yet (DeepSpeed's CPU Adam steps "
+            "the offloaded partitions): use optim=adamw, or deepspeed.offload_optimizer=false"
+        )
     if pp_size > 1 and (optim.name == "muon" or optim.qk_clip.enabled or optim.qk_clip.log_max_logit):
         what = "optim=muon" if optim.name == "muon" else "optim.qk_clip"
         raise ValueError(
@@ -309,11 +414,11 @@ def check_optimizer(
             "owns the optimizer step and its stages' flat partitions): use optim=adamw with qk_clip off, or pp_size=1"
         )
     if optim.qk_clip.enabled or optim.qk_clip.log_max_logit:
-        if tp_size > 1 or sp_size > 1:
+        if sp_size > 1:
             raise ValueError(
-                f"optim.qk_clip with tensor or sequence parallelism (tp_size={tp_size}, sp_size={sp_size}) is not "
-                "supported yet (a rank sees a slice of the heads or of the sequence, not every logit): set "
-                "optim.qk_clip.enabled=false optim.qk_clip.log_max_logit=false, or tp_size=sp_size=1"
+                f"optim.qk_clip with sequence parallelism (sp_size={sp_size}) is not supported yet (a rank sees the "
+                "logits of its shard of the sequence only): set optim.qk_clip.enabled=false "
+                "optim.qk_clip.log_max_logit=false, or sp_size=1 (tensor parallelism works)"
             )
         if qk_norm and optim.qk_clip.enabled:
             raise ValueError(

@@ -40,7 +40,7 @@ from train.config import PretrainConfig
 from train.engine import distributed, expert_parallel, model_parallel
 from train.engine.deepspeed_engine import Engine, build_engine, deepspeed_config, resolve_dtype
 from train.engine.distributed import Dist
-from train.engine.muon import check_optimizer, row_scaler
+from train.engine.muon import HeadMaxima, check_optimizer, row_scaler
 from train.engine.optimize import check_fp8, optimize_model
 from train.engine.pipeline import PipelineEngine
 from train.secrets import redact
@@ -307,7 +307,7 @@ def build_trainer(plan: Plan, raw: DictConfig, d: Dist, base_mem_gb: float,
                            peak, d.world_size, base_mem_gb)  # fmt: skip
     qk = cfg.optim.qk_clip
     if qk.enabled or qk.log_max_logit:  # before the validator: its forwards must not count as the step's logits
-        components.append(QKClip(qk, row_scaler(ds_engine)))
+        components.append(QKClip(qk, row_scaler(ds_engine), HeadMaxima(par.tp)))
     validator = Validator(cfg.train, val, val_sources, plan.token_bytes)
     components += [monitor, validator]
     if cfg.eval.downstream:  # after validation: both add to the same step's metrics

@@ -1,6 +1,7 @@
 """QK-clip: the per-head maximum logit the attention modules track, and the rescale of exactly the heads over tau
-(a planted large logit), in MHA, GQA and MLA; under ZeRO the same edit reaches the fp32 master weights
-(tests/train/engine/muon_worker.py `rows`); a 2-rank pretrain run logs `max_attn_logit` and clips."""
+(a planted large logit), in MHA, GQA and MLA; under ZeRO the same edit reaches the fp32 master weights, also of a
+tensor-parallel slice (tests/train/engine/muon_worker.py `rows`, `tp,rows`); a 2-rank pretrain run logs
+`max_attn_logit` and clips (under tensor parallelism: tests/train/trainer/test_model_parallel.py)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,14 @@ def test_row_edit_reaches_zero_master_weights(stage):
     args = ("torchrun", "--standalone", "--nproc_per_node=2", "-m", "tests.train.engine.muon_worker", str(stage), "2",
             "rows")  # fmt: skip
     assert f"OK rows {stage} 2" in run_module(*args, timeout=400).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_row_edit_of_a_tensor_parallel_slice_reaches_zero_master_weights(stage):
+    args = ("torchrun", "--standalone", "--nproc_per_node=2", "-m", "tests.train.engine.muon_worker", str(stage), "1",
+            "tp,rows")  # fmt: skip
+    assert f"OK rows {stage} 1" in run_module(*args, timeout=400).stdout
 
 
 @pytest.mark.slow

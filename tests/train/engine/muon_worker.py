@@ -1,5 +1,6 @@
-"""`torchrun --nproc_per_node 2 -m tests.train.engine.muon_worker STAGE [EP [rows]]`: Muon under DeepSpeed
-ZeRO-STAGE on two real ranks (expert-parallel degree EP, default 1) against a single-process reference implementation.
+"""`torchrun --nproc_per_node N -m tests.train.engine.muon_worker STAGE [EP [rows|tp|tp,rows|slice]]`: Muon under
+DeepSpeed ZeRO-STAGE on N real ranks (2 unless `tp`; expert-parallel degree EP, default 1) against a single-process
+reference implementation.
 
 Both start from the same weights; each step the DeepSpeed job trains on rank r's micro-batch, the reference on both
 micro-batches (mean loss), clips the full gradient and applies a plain per-matrix Muon (fp32 Newton-Schulz, written
@@ -8,6 +9,12 @@ must agree to 1e-5. The model is DeepSeek-style (MLA, shared + routed experts, M
 every kind of parameter is exercised. Prints "OK STAGE EP" on rank 0.
 
 `rows`: instead, QK-clip's row scaling of a query and a key weight reaches ZeRO's fp32 master copy ("OK rows STAGE EP").
+
+`tp`: tensor parallelism of degree 2 (AutoTP; EP must be 1; N = 2 or 4, data-parallel N / 2): a rank holds a slice
+of the attention and dense/shared-expert MLP matrices, which must still be orthogonalized whole ("OK tp STAGE N";
+Newton-Schulz of a slice alone fails the comparison at the first step). `tp,rows`: the row check, each rank scaling
+the rows of its slices ("OK rows STAGE EP"). `slice`: one matrix split over the N ranks by rows, then by columns,
+so all but one rank orthogonalize nothing ("OK slice N").
 """
 
 from __future__ import annotations
@@ -72,9 +79,10 @@ class ReferenceMuon:
                 w.add_(ns(m), alpha=-LR * 0.2 * math.sqrt(max(m.shape)))
 
 
-def check_row_scaler(engine, ref_state: dict) -> None:
+def check_row_scaler(engine, ref_state: dict, tp: int) -> None:
     """QK-clip's weight edit under ZeRO: scale some rows of a query and a key weight, take a step with a negligible
-    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones."""
+    learning rate: the weights after the step (copied from ZeRO's fp32 masters) are the scaled ones. Under tensor
+    parallelism (column-parallel weights) a rank scales the rows of its slice."""
     from train.engine.deepspeed_engine import full_state_dict
     from train.engine.muon import row_scaler
 
@@ -86,17 +94,40 @@ def check_row_scaler(engine, ref_state: dict) -> None:
     for name, param in edits.items():
         rows = torch.ones(want[name].shape[0])
         rows[3:7] = torch.tensor([0.5, 0.25, 2.0, 0.125])
-        scale(param, rows)
+        scale(param, rows.chunk(tp)[dist.get_rank() % tp])
         want[name] = want[name] * rows[:, None]
     for group in engine.optimizer.param_groups:
         group["lr"] = 1e-12
-    x = torch.randint(64, (2, 17))
+    x = torch.randint(64, (2, 17), generator=torch.Generator().manual_seed(2))  # the same on every rank
     engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
     engine.step()
     full = full_state_dict(engine)
     if dist.get_rank() == 0:
         for name, t in want.items():
             torch.testing.assert_close(full[name], t, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def check_one_slice() -> None:
+    """MuonAdamW on a single tensor-parallel slice per rank (no ZeRO): the rank that orthogonalizes the whole matrix
+    returns each rank its slice of the single-process update."""
+    from train.config import MuonConfig, OptimConfig
+    from train.engine.deepspeed_compat import TPShard
+    from train.engine.muon import MuonAdamW
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    w, g = torch.randn(4 * world, 6 * world), torch.randn(4 * world, 6 * world)
+    optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, muon=MuonConfig(ns_dtype="fp32"))
+    # The first Nesterov direction is a multiple of g, and Newton-Schulz normalizes its input.
+    want = w * (1 - LR * WD) - LR * 0.2 * math.sqrt(max(w.shape)) * ns(g)
+    for dim in (0, 1):
+        n = w.shape[dim] // world
+        p = torch.nn.Parameter(w.narrow(dim, rank * n, n).clone())
+        p.grad = g.narrow(dim, rank * n, n).clone()
+        opt = MuonAdamW([{"params": [p], "use_muon": True}], {id(p): (1, *p.shape)}, optim, torch.float32)
+        opt.bind_tensor_parallel({id(p): TPShard(None, world, rank, dim, w.shape)})
+        opt.step()
+        torch.testing.assert_close(p.data, want.narrow(dim, rank * n, n), rtol=1e-5, atol=1e-6, msg=f"dim {dim}")
 
 
 def main() -> None:
@@ -112,16 +143,27 @@ def main() -> None:
     from train.trainer.layout import make_layout
 
     stage, ep = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    rows_only = len(sys.argv) > 3 and sys.argv[3] == "rows"
+    modes = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else set()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if "slice" in modes:
+        check_one_slice()
+        dist.barrier()
+        if rank == 0:
+            print(f"OK slice {world}", flush=True)
+        dist.destroy_process_group()
+        return
+    tp = 2 if "tp" in modes else 1
+    dp = world // tp
     cfg = model_config()
     optim = OptimConfig(name="muon", lr=LR, weight_decay=WD, warmup_steps=0, schedule="constant",
                         muon=MuonConfig(ns_dtype="fp32"))  # fmt: skip
     model = build_model(cfg, ExecutionConfig(), ep_size=ep, seed=0, zero_stage=stage)
-    train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=2, max_steps=STEPS)
-    d = Dist(rank, 2, rank, 2, torch.device("cpu"))
-    engine, _, _ = build_engine(model, train, optim, DeepSpeedConfig(zero_stage=stage), make_layout(64, 16, 2, 2), d)
+    micro = 4 // dp  # 4 sequences of 16 tokens per step, split over the data-parallel ranks
+    train = TrainConfig(seq_len=16, global_batch_tokens=64, micro_batch_size=micro, max_steps=STEPS)
+    d = Dist(rank, world, rank, world, torch.device("cpu"))
+    engine, _, _ = build_engine(model, train, optim, DeepSpeedConfig(zero_stage=stage), make_layout(64, 16, micro, dp),
+                                d, tp_size=tp)  # fmt: skip
 
     torch.manual_seed(0)
     ref = Transformer(cfg, ExecutionConfig())  # same seed, same weights, every expert local
@@ -137,8 +179,8 @@ def main() -> None:
     if rank == 0:
         for name, t in ref.state_dict().items():
             torch.testing.assert_close(first[name], t, rtol=0, atol=0, msg=f"initial {name}")
-    if rows_only:
-        check_row_scaler(engine, ref.state_dict())
+    if "rows" in modes:
+        check_row_scaler(engine, ref.state_dict(), tp)
         dist.barrier()
         if rank == 0:
             print(f"OK rows {stage} {ep}", flush=True)
@@ -146,8 +188,8 @@ def main() -> None:
         return
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        batch = torch.randint(64, (2, 2, 17), generator=g)  # (rank, micro, T+1)
-        x = batch[rank]
+        batch = torch.randint(64, (2, 2, 17), generator=g)  # (data-parallel rank, micro, T+1)
+        x = batch.reshape(dp, -1, 17)[rank // tp]  # tensor-parallel groups are consecutive ranks
         engine.backward(loss_of(engine(x[:, :-1], x[:, 1:])))
         engine.step()
         ref.zero_grad()
@@ -163,7 +205,7 @@ def main() -> None:
                 torch.testing.assert_close(full[name], t, rtol=1e-5, atol=1e-5, msg=f"step {step + 1} {name}")
     dist.barrier()
     if rank == 0:
-        print(f"OK {stage} {ep}", flush=True)
+        print(f"OK tp {stage} {world}" if "tp" in modes else f"OK {stage} {ep}", flush=True)
     dist.destroy_process_group()
 
 

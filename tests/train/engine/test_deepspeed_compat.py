@@ -13,6 +13,7 @@ import pytest
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from torch import nn
 
 from train.engine import deepspeed_compat as compat
 
@@ -160,3 +161,19 @@ def test_autotp_parameters_describe_their_slice():
     p = torch.nn.Parameter(torch.empty(4, 3))
     setattr(p, DS_AUTOTP_UC_META, meta)
     assert compat.autotp_slice(p, 1) == (1, 3, 6)
+
+
+def test_autotp_layers_describe_their_slices():
+    from deepspeed.module_inject import auto_tp
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    # tensor_parallel_shards: the attributes it reads, and which dimension each layer splits.
+    column, row = LinearLayer(nn.Linear(8, 6, bias=False)), LinearAllreduce(nn.Linear(8, 6, bias=False), None)
+    for layer, split in ((column, 6), (row, 8)):
+        assert tuple(layer._orig_weight_shape) == (6, 8) and tuple(layer._partition_sizes) == (split,)
+        assert (layer.tp_index, layer.tp_world_size, layer.mp_group, layer.is_tp_parallel) == (0, 1, None, False)
+    assert not issubclass(LinearAllreduce, LinearLayer) and not issubclass(LinearLayer, LinearAllreduce)
+    assert compat.tensor_parallel_shards(nn.Sequential(column, row)) == {}  # no group: nothing is split
+    # model.attention.Attention.q_per_kv: AutoTP rewrites a split module's `n_heads`, not its `n_kv_heads`.
+    source = inspect.getsource(auto_tp.AutoTP.update_mp_params)
+    assert '"n_heads"' in source and '"n_kv_heads"' not in source

@@ -160,6 +160,66 @@ def test_resume_on_the_same_or_another_layout(runs, tiny_tokenizer, tiny_data, t
             assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
 
 
+MUON = ("optim=muon",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [DENSE, DEEPSEEK], ids=["dense", "deepseek"])
+def test_muon_under_tensor_parallel_2_trains_like_one_rank(runs, model):
+    """optim=muon: each rank's slices of the attention and MLP matrices get their part of the whole matrices'
+    orthogonalized update (fp32 losses within 1e-5, the same weights)."""
+    ref = runs(f"muon_{_id(model)}", 1, model, *MUON)
+    tp = runs(f"muon_tp2_{_id(model)}", 2, model, *MUON, "parallel.tp_size=2")
+    assert_same_losses(tp, ref)
+    assert_same_weights(tp, ref)
+    tag = f"step_{STEPS:08d}"
+    got, want = (load_file(r / "checkpoints" / tag / "model.safetensors") for r in (tp, ref))
+    for name in (n for n in want if "_proj" in n):  # the Muon matrices, sliced or not: within 1e-5 of their scale
+        assert (got[name] - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "resume_with"), [(2, ("parallel.tp_size=2",)), (1, ())], ids=["tp2", "tp2_to_1"])
+def test_muon_resume_under_tensor_parallel(runs, tiny_tokenizer, tiny_data, tmp_path, nproc, resume_with):
+    """The Muon momentum of each slice is checkpointed: the same layout resumes bit for bit, one rank through the
+    universal checkpoint (slices merged) within 1e-5."""
+    src = runs("muon_tp2_nano", 2, DENSE, *MUON, "parallel.tp_size=2")
+    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    proc = launch(nproc, args(tiny_tokenizer, tiny_data, run_dir, DENSE, "deepspeed.zero_stage=1", *MUON, *resume_with))
+    assert "resumed from" in proc.stderr
+    got, want = losses(run_dir), losses(src)
+    for step in range(4, STEPS + 1):
+        if resume_with:
+            assert got[step] == want[step], (step, got[step], want[step])
+        else:
+            assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+
+
+def metric_rows(run: Path) -> dict[int, dict]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [DENSE, DEEPSEEK], ids=["gqa", "mla"])
+def test_qk_clip_under_tensor_parallel_2_clips_like_one_rank(runs, model):
+    """A rank tracks and rescales its slice of the heads: the logged maxima (every head's, over the group), the
+    number of clipped heads and the weights after clipping are the single-rank run's."""
+    clip = (*MUON, "optim.qk_clip.enabled=true", "optim.qk_clip.tau=0.1")
+    ref = runs(f"clip_{_id(model)}", 1, model, *clip)
+    tp = runs(f"clip_tp2_{_id(model)}", 2, model, *clip, "parallel.tp_size=2")
+    assert_same_losses(tp, ref)
+    assert_same_weights(tp, ref)
+    got, want = metric_rows(tp), metric_rows(ref)
+    assert want[1]["qk_clipped_heads"] > 0
+    for step, row in want.items():
+        assert got[step]["qk_clipped_heads"] == row["qk_clipped_heads"], step
+        for key in (k for k in row if k.startswith("max_attn_logit")):
+            assert math.isclose(got[step][key], row[key], rel_tol=1e-5), (step, key, got[step][key], row[key])
+
+
 @pytest.mark.slow
 def test_tensor_with_expert_parallel_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
     """Every tensor-parallel rank's model-states file is written (DeepSpeed's MoE save would write only rank 0's)."""
