@@ -20,6 +20,9 @@ from model.config import ModelConfig, MoEConfig
 from tests.helpers import REPO, run_module
 
 CONFIGS = REPO / "configs"
+SEARCH_ARGS = ("model=tiny", "vocab_size=2048", "gpus=2", "gpu=cpu", "seq_len=256", "global_batch_tokens=8192",
+               "tokens=100M", "search=true")  # fmt: skip
+"""A small search, planned in process and from the command line."""
 
 NET = ClusterConfig(
     name="t",
@@ -187,16 +190,7 @@ def test_json_keys_and_out_recipe_compose_in_process(tmp_path):
     """The plan's JSON keys, and the experiment config `out=` writes composing against the train schema."""
     from launch.plan import experiment_yaml
 
-    cfg = make(
-        "model=tiny",
-        "vocab_size=2048",
-        "gpus=2",
-        "gpu=cpu",
-        "seq_len=256",
-        "global_batch_tokens=8192",
-        "tokens=100M",
-        "search=true",
-    )
+    cfg = make(*SEARCH_ARGS)
     p = json.loads(json.dumps(plan(cfg)))  # the CLI's last line
     for key in ("step_time_s", "comm_s", "bubble_s", "tokens_per_s_per_gpu", "mfu", "gpu_hours", "layout", "search"):
         assert key in p, key
@@ -243,18 +237,7 @@ def test_fit_efficiency_recovers_the_elementwise_traffic(tmp_path):
 @pytest.mark.slow  # launches the CLI in a subprocess
 def test_cli_json_keys_and_out_recipe_composes(tmp_path):
     out = tmp_path / "experiment" / "planned.yaml"
-    proc = run_module(
-        "launch.plan",
-        "model=tiny",
-        "vocab_size=2048",
-        "gpus=2",
-        "gpu=cpu",
-        "seq_len=256",
-        "global_batch_tokens=8192",
-        "tokens=100M",
-        "search=true",
-        f"out={out}",
-    )
+    proc = run_module("launch.plan", *SEARCH_ARGS, f"out={out}")
     p = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step_time_s", "comm_s", "bubble_s", "tokens_per_s_per_gpu", "mfu", "gpu_hours", "layout"):
         assert key in p, key
