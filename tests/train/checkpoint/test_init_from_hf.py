@@ -108,16 +108,20 @@ def test_depth_upscale_ranges_are_checked(base_and_ext):
     assert info.model.n_layers == 6 and info.layer_map == [0, 1, 2, 1, 2, 3]
 
 
-@pytest.mark.slow
-def test_zero3_loading_equals_single_process_load(tmp_path):
-    families = ("LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM")
+def run_loading_worker(worker: str, families: tuple[str, ...], tmp_path) -> None:
+    """Make a tiny base per family and run the 2-rank loading check `tests.train.checkpoint.WORKER` on them."""
     for family in families:
         make_tiny_base(tmp_path / family, family)
-    worker = "tests.train.checkpoint.hf_zero3_worker"
+    module = f"tests.train.checkpoint.{worker}"
     proc = run_module(
-        "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
+        "torchrun", "--standalone", "--nproc_per_node=2", "-m", module, *(str(tmp_path / f) for f in families)
     )
     assert "OK" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_zero3_loading_equals_single_process_load(tmp_path):
+    run_loading_worker("hf_zero3_worker", ("LlamaForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM"), tmp_path)
 
 
 @pytest.mark.slow
@@ -126,13 +130,7 @@ def test_tensor_parallel_loading_equals_single_rank_load(tmp_path):
     biases, Qwen3 QK-norm, MLA and MoE); the same parameters, logits and loss as a single-process load
     (hf_tp_worker)."""
     families = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "DeepseekV3ForCausalLM")
-    for family in families:
-        make_tiny_base(tmp_path / family, family)
-    worker = "tests.train.checkpoint.hf_tp_worker"
-    proc = run_module(
-        "torchrun", "--standalone", "--nproc_per_node=2", "-m", worker, *(str(tmp_path / f) for f in families)
-    )
-    assert "OK" in proc.stdout, proc.stdout[-2000:]
+    run_loading_worker("hf_tp_worker", families, tmp_path)
 
 
 @pytest.mark.slow
