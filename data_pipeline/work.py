@@ -75,101 +75,124 @@ def result_is_current(work: Path, task: Task, fp: str) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp
 
 
-def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, work: Path, threads: int) -> dict:
-    """Do the per-file work for one input file and write its result; returns the result's metadata."""
-    src = data.sources[task.source]
-    filters = data.source_filters(task.source)
-    perms = permutations(data.dedup.num_perm)
-    reasons: list[str] = []
-    licenses: list[str] = []
-    status: list[int] = []
-    rows, lengths, keys, sigs, has_sig, lic_idx, pii_rows = [], [], [], [], [], [], []
-    rejected: Counter = Counter()
-    tmp = {ext: work / f"{task.stem}.{ext}.tmp" for ext in ("tok", "jsonl")}
-    tok_fh = open(tmp["tok"], "wb")
-    text_fh = open(tmp["jsonl"], "w", encoding="utf-8") if data.write_text else None
-    batch: list[tuple[Document, str]] = []
+class _Kept:
+    """What one file's pass records: a status per document read (0 kept, else 1 + reason index), and for each kept
+    document its row, licence, PII counts and dedup keys; tokens go to `{stem}.tok` in batches as they come."""
 
-    def reject(reason: str) -> None:
-        if reason not in reasons:
-            reasons.append(reason)
-        status.append(1 + reasons.index(reason))
-        rejected[reason] += 1
+    def __init__(self, data: DataConfig, tok: TextTokenizer, dtype: str, tmp: dict[str, Path], threads: int):
+        self.data, self.tok, self.dtype, self.threads = data, tok, dtype, threads
+        self.perms = permutations(data.dedup.num_perm)
+        self.reasons: list[str] = []
+        self.licenses: list[str] = []
+        self.status: list[int] = []
+        self.rejected: Counter = Counter()
+        self.rows, self.lengths, self.keys, self.sigs, self.has_sig, self.lic_idx, self.pii = [], [], [], [], [], [], []
+        self.tok_fh = open(tmp["tok"], "wb")
+        self.text_fh = open(tmp["jsonl"], "w", encoding="utf-8") if data.write_text else None
+        self.batch: list[tuple[Document, str]] = []
 
-    def flush() -> None:
-        ids = tok.encode_batch([t for _, t in batch], num_threads=threads)
-        for (doc, text), doc_ids in zip(batch, ids, strict=True):
-            doc_ids.append(tok.eos_id)
-            tok_fh.write(np.asarray(doc_ids, dtype=dtype).tobytes())
-            lengths.append(len(doc_ids))
-            if text_fh is not None:
-                text_fh.write(json.dumps({"id": doc.doc_id, "text": text}, ensure_ascii=False) + "\n")
-        batch.clear()
+    def reject(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.status.append(1 + self.reasons.index(reason))
+        self.rejected[reason] += 1
 
-    for item in iter_file_docs(task.source, src, task.file_index, task.path, data.max_docs_per_source):
-        if not isinstance(item, Document):
-            reject(item.reason)
-            continue
-        lic = item.license or src.license
-        if lic not in data.allowed_licenses:
-            reject("license_not_allowed")
-            continue
-        if len(item.text) > filters.max_chars:
-            reject("huge")
-            continue
-        text = clean_text(item.text)
-        if not text.strip():
-            reject("empty")
-            continue
-        reason = quality_reason(text, filters, src.language)
-        if reason:
-            reject(reason)
-            continue
-        counts: Counter = Counter()
-        if data.pii:
-            text = scrub(text, counts)
-        status.append(0)
-        rows.append(item.row)
-        keys.append(np.frombuffer(exact_key(text), dtype=np.uint8))
-        near = data.dedup.near and len(text) >= data.dedup.min_chars
-        has_sig.append(near)
+    def keep(self, doc: Document, text: str, lic: str, counts: Counter) -> None:
+        dedup = self.data.dedup
+        self.status.append(0)
+        self.rows.append(doc.row)
+        self.keys.append(np.frombuffer(exact_key(text), dtype=np.uint8))
+        near = dedup.near and len(text) >= dedup.min_chars
+        self.has_sig.append(near)
         if near:  # short documents get no signature (exact dedup only), and no row in `sigs`
-            sigs.append(signature(text, data.dedup, perms))
-        if lic not in licenses:
-            licenses.append(lic)
-        lic_idx.append(licenses.index(lic))
-        pii_rows.append([counts[k] for k in PII_KINDS])
-        batch.append((item, text))
-        if len(batch) >= ENCODE_BATCH:
-            flush()
-    flush()
-    tok_fh.close()
-    if text_fh is not None:
-        text_fh.close()
-    n = len(rows)
-    np.savez(
-        work / f"{task.stem}.npz.tmp.npz",
-        status=np.asarray(status, dtype=np.int16),
-        rows=np.asarray(rows, dtype=np.int64),
-        lengths=np.asarray(lengths, dtype=np.int64),
-        licenses=np.asarray(lic_idx, dtype=np.int32),
-        pii=np.asarray(pii_rows, dtype=np.int32).reshape(n, len(PII_KINDS)),
-    )
+            self.sigs.append(signature(text, dedup, self.perms))
+        if lic not in self.licenses:
+            self.licenses.append(lic)
+        self.lic_idx.append(self.licenses.index(lic))
+        self.pii.append([counts[k] for k in PII_KINDS])
+        self.batch.append((doc, text))
+        if len(self.batch) >= ENCODE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        ids = self.tok.encode_batch([t for _, t in self.batch], num_threads=self.threads)
+        for (doc, text), doc_ids in zip(self.batch, ids, strict=True):
+            doc_ids.append(self.tok.eos_id)
+            self.tok_fh.write(np.asarray(doc_ids, dtype=self.dtype).tobytes())
+            self.lengths.append(len(doc_ids))
+            if self.text_fh is not None:
+                self.text_fh.write(json.dumps({"id": doc.doc_id, "text": text}, ensure_ascii=False) + "\n")
+        self.batch.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.tok_fh.close()
+        if self.text_fh is not None:
+            self.text_fh.close()
+
+
+def _admit(item: Document, src, filters, data: DataConfig) -> tuple[str | None, str, str]:
+    """(rejection reason or None, cleaned text, licence) of one document."""
+    lic = item.license or src.license
+    if lic not in data.allowed_licenses:
+        return "license_not_allowed", "", lic
+    if len(item.text) > filters.max_chars:
+        return "huge", "", lic
+    text = clean_text(item.text)
+    if not text.strip():
+        return "empty", "", lic
+    return quality_reason(text, filters, src.language) or None, text, lic
+
+
+def _write_dedup_runs(kept: _Kept, task: Task, data: DataConfig, work: Path) -> None:
+    """The kept documents' exact keys and LSH band keys as bucketed sorted runs (atomically, one file each)."""
+    n = len(kept.rows)
     ordinals = (np.uint64(task.index) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
     runs = {}
     if data.dedup.exact:
-        runs["exact"] = exact_run(np.stack(keys) if n else np.zeros((0, 16), np.uint8), ordinals)
+        runs["exact"] = exact_run(np.stack(kept.keys) if n else np.zeros((0, 16), np.uint8), ordinals)
     if data.dedup.near:
         bands, width = lsh_params(data.dedup.threshold, data.dedup.num_perm)
-        sig = np.stack(sigs) if sigs else np.zeros((0, data.dedup.num_perm), np.uint64)
-        runs["bands"] = band_run(sig, ordinals[np.asarray(has_sig, dtype=bool)], bands, width)
+        sig = np.stack(kept.sigs) if kept.sigs else np.zeros((0, data.dedup.num_perm), np.uint64)
+        runs["bands"] = band_run(sig, ordinals[np.asarray(kept.has_sig, dtype=bool)], bands, width)
     for kind, (records, offsets) in runs.items():
         for suffix, array in ((kind, records), (f"{kind}.idx", offsets)):
             np.save(work / f"{task.stem}.{suffix}.tmp.npy", array)
             os.replace(work / f"{task.stem}.{suffix}.tmp.npy", work / f"{task.stem}.{suffix}.npy")
+
+
+def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, work: Path, threads: int) -> dict:
+    """Do the per-file work for one input file and write its result; returns the result's metadata."""
+    src = data.sources[task.source]
+    filters = data.source_filters(task.source)
+    tmp = {ext: work / f"{task.stem}.{ext}.tmp" for ext in ("tok", "jsonl")}
+    kept = _Kept(data, tok, dtype, tmp, threads)
+    for item in iter_file_docs(task.source, src, task.file_index, task.path, data.max_docs_per_source):
+        if not isinstance(item, Document):
+            kept.reject(item.reason)
+            continue
+        reason, text, lic = _admit(item, src, filters, data)
+        if reason:
+            kept.reject(reason)
+            continue
+        counts: Counter = Counter()
+        if data.pii:
+            text = scrub(text, counts)
+        kept.keep(item, text, lic, counts)
+    kept.close()
+    n = len(kept.rows)
+    np.savez(
+        work / f"{task.stem}.npz.tmp.npz",
+        status=np.asarray(kept.status, dtype=np.int16),
+        rows=np.asarray(kept.rows, dtype=np.int64),
+        lengths=np.asarray(kept.lengths, dtype=np.int64),
+        licenses=np.asarray(kept.lic_idx, dtype=np.int32),
+        pii=np.asarray(kept.pii, dtype=np.int32).reshape(n, len(PII_KINDS)),
+    )
+    _write_dedup_runs(kept, task, data, work)
     os.replace(work / f"{task.stem}.npz.tmp.npz", work / f"{task.stem}.npz")
     os.replace(tmp["tok"], work / f"{task.stem}.tok")
-    if text_fh is not None:
+    if data.write_text:
         os.replace(tmp["jsonl"], work / f"{task.stem}.jsonl")
     else:
         tmp["jsonl"].unlink(missing_ok=True)
@@ -178,11 +201,11 @@ def process_file(task: Task, data: DataConfig, tok: TextTokenizer, dtype: str, w
         "task": asdict(task),
         "sha256": file_sha256(open_input(task.path)),
         "bytes": input_stat(task.path)[0],
-        "reasons": reasons,
-        "licenses": licenses,
-        "docs_in": len(status),
+        "reasons": kept.reasons,
+        "licenses": kept.licenses,
+        "docs_in": len(kept.status),
         "kept": n,
-        "rejected": dict(rejected),
+        "rejected": dict(kept.rejected),
     }
     (work / f"{task.stem}.json.tmp").write_text(json.dumps(meta))
     os.replace(work / f"{task.stem}.json.tmp", work / f"{task.stem}.json")

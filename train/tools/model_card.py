@@ -39,23 +39,8 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str, tokenizer: dict,
-               license: str | None) -> str:  # fmt: skip
-    """README.md text for the export of `run_dir`'s checkpoint `meta["tag"]` with `n_params` parameters."""
-    run_dir = Path(run_dir)
-    cfg = ModelConfig.from_dict(meta["model"])
-    rows = _rows(run_dir)
-    train_rows = [r for r in rows if "loss" in r and r["step"] <= meta["step"]]
-    val_rows = [r for r in rows if r.get("val_loss") is not None and r["step"] <= meta["step"]]
-    bom = _read_json(run_dir / "bom.json") or {}
-    sources = bom.get("sources", {})
+def _front_and_license(meta: dict, n_params: int, architecture: str, sources: dict, license: str | None) -> list[str]:
     languages = sorted({s.get("language") for s in sources.values() if s.get("language")})
-    lm_eval = _read_json(run_dir / "lm_eval.json") or {}
-    evaluate = _read_json(run_dir / "evaluate.json") or {}
-    hardware = _read_json(run_dir / "hardware.json")
-    tokens = train_rows[-1]["tokens"] if train_rows else None
-    elapsed = max((r.get("elapsed_s", 0.0) for r in train_rows), default=None)
-
     front = ["---", f"license: {license or 'other'}"]
     if languages:
         front += ["language:", *[f"- {lang}" for lang in languages]]
@@ -71,8 +56,11 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
     if data_licenses:
         out += ["", f"The training data is under {', '.join(data_licenses)} (per source below); check that the "
                     "weights' license and use respect their terms (e.g. ShareAlike, attribution)."]  # fmt: skip
+    return out
 
-    out += ["", "## Architecture and size", "", "| | |", "|---|---|"]
+
+def _architecture(cfg: ModelConfig, meta: dict, n_params: int, architecture: str) -> list[str]:
+    out = ["", "## Architecture and size", "", "| | |", "|---|---|"]
     out += [f"| class | `{architecture}` |", f"| parameters | {n_params:,} |"]
     if cfg.moe.enabled:
         out += [f"| activated parameters per token | {activated_params(cfg):,} |",
@@ -82,8 +70,11 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
             f"| attention | {cfg.attention.upper()}, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads |",
             f"| context length | {cfg.max_seq_len} (trained at {meta.get('seq_len', '-')}) |",
             f"| vocabulary | {cfg.vocab_size:,} |", f"| tied embeddings | {cfg.tie_embeddings} |"]  # fmt: skip
+    return out
 
-    out += ["", "## Tokenizer", ""]
+
+def _tokenizer(tokenizer: dict) -> list[str]:
+    out = ["", "## Tokenizer", ""]
     out += [f"`{tokenizer.get('name', '-')}`: {tokenizer.get('kind', 'SentencePiece')}, {tokenizer['vocab_size']:,} "
             f"entries, sha256 `{tokenizer['sha256']}`."]  # fmt: skip
     if tokenizer.get("nfc_compiled"):
@@ -91,8 +82,13 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
                     "training used, as `AutoTokenizer` does.")  # fmt: skip
     elif tokenizer.get("nfc_compiled") is False:
         out[-1] += " Training applied Unicode NFC before SentencePiece: apply it before `tokenizer.model` too."
+    return out
 
-    out += ["", "## Training", ""]
+
+def _training(meta: dict, train_rows: list[dict], hardware: dict | None) -> list[str]:
+    tokens = train_rows[-1]["tokens"] if train_rows else None
+    elapsed = max((r.get("elapsed_s", 0.0) for r in train_rows), default=None)
+    out = ["", "## Training", ""]
     out += [f"- training tokens: {_num(tokens)} ({meta['step']} optimizer steps)",
             f"- sequence length {meta.get('seq_len', '-')}, ZeRO stage {meta.get('zero_stage', '-')}, "
             f"{meta.get('world_size', '-')} processes"]  # fmt: skip
@@ -105,39 +101,47 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
                 f"- training wall time {elapsed / 3600:.3g} h: **{hours:.3g} {unit}** (x processes)"]  # fmt: skip
     else:
         out += ["- hardware and device-hours: not recorded by this run"]
+    return out
 
-    out += ["", "## Training data (bill of materials)", ""]
-    if sources:
-        out += ["| source | language | license | attribution | training tokens | validation tokens | documents kept |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for src, s in sources.items():
-            counts = [_num(s.get(k)) for k in ("train_tokens", "val_tokens", "docs_kept")]
-            out.append(f"| {src} | {s.get('language', '-')} | {s.get('license', '-')} | {s.get('attribution', '-')} | "
-                       + " | ".join(counts) + " |")  # fmt: skip
-        total = sum(s.get("train_tokens", 0) for s in sources.values())
-        out += ["", f"Tokens in the prepared training split: {total:,} (`python -m data_pipeline.bom` prints the full "
-                    "record: input files with sha256, rejections by reason, PII replacements)."]  # fmt: skip
-    else:
-        out += ["No bill of materials (bom.json) in the run directory."]
 
-    out += ["", "## Evaluation", ""]
-    if val_rows:
-        last = val_rows[-1]
-        out += [f"Held-out validation at step {last['step']}: loss {_num(last['val_loss'])} nats/token, "
-                f"**{_num(last.get('val_bpb'))} bits per byte** (bpb compares across tokenizers).", "",
-                "| validation source | loss (nats/token) | bits per byte |", "|---|---|---|"]  # fmt: skip
-        for k in sorted(k for k in last if k.startswith("val_loss/")):
-            src = k.split("/", 1)[1]
-            out.append(f"| {src} | {_num(last[k])} | {_num(last.get(f'val_bpb/{src}'))} |")
-        downstream = {k: v for k, v in last.items() if k.startswith("downstream/")}
-        in_loop = next((r for r in reversed(train_rows) if any(k.startswith("downstream/") for k in r)), None)
-        downstream = {k: v for k, v in (in_loop or {}).items() if k.startswith("downstream/")} or downstream
-        if downstream:
-            out += ["", f"In-loop downstream (log-likelihood multiple choice, step {in_loop['step']}):", "",
-                    "| metric | value |", "|---|---|"]  # fmt: skip
-            out += [f"| {k} | {_num(v)} |" for k, v in sorted(downstream.items())]
-    else:
-        out += ["No validation on record."]
+def _data(sources: dict) -> list[str]:
+    out = ["", "## Training data (bill of materials)", ""]
+    if not sources:
+        return [*out, "No bill of materials (bom.json) in the run directory."]
+    out += ["| source | language | license | attribution | training tokens | validation tokens | documents kept |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for src, s in sources.items():
+        counts = [_num(s.get(k)) for k in ("train_tokens", "val_tokens", "docs_kept")]
+        out.append(f"| {src} | {s.get('language', '-')} | {s.get('license', '-')} | {s.get('attribution', '-')} | "
+                   + " | ".join(counts) + " |")  # fmt: skip
+    total = sum(s.get("train_tokens", 0) for s in sources.values())
+    out += ["", f"Tokens in the prepared training split: {total:,} (`python -m data_pipeline.bom` prints the full "
+                "record: input files with sha256, rejections by reason, PII replacements)."]  # fmt: skip
+    return out
+
+
+def _validation(train_rows: list[dict], val_rows: list[dict]) -> list[str]:
+    if not val_rows:
+        return ["No validation on record."]
+    last = val_rows[-1]
+    out = [f"Held-out validation at step {last['step']}: loss {_num(last['val_loss'])} nats/token, "
+           f"**{_num(last.get('val_bpb'))} bits per byte** (bpb compares across tokenizers).", "",
+           "| validation source | loss (nats/token) | bits per byte |", "|---|---|---|"]  # fmt: skip
+    for k in sorted(k for k in last if k.startswith("val_loss/")):
+        src = k.split("/", 1)[1]
+        out.append(f"| {src} | {_num(last[k])} | {_num(last.get(f'val_bpb/{src}'))} |")
+    downstream = {k: v for k, v in last.items() if k.startswith("downstream/")}
+    in_loop = next((r for r in reversed(train_rows) if any(k.startswith("downstream/") for k in r)), None)
+    downstream = {k: v for k, v in (in_loop or {}).items() if k.startswith("downstream/")} or downstream
+    if downstream:
+        out += ["", f"In-loop downstream (log-likelihood multiple choice, step {in_loop['step']}):", "",
+                "| metric | value |", "|---|---|"]  # fmt: skip
+        out += [f"| {k} | {_num(v)} |" for k, v in sorted(downstream.items())]
+    return out
+
+
+def _downstream(lm_eval: dict, evaluate: dict) -> list[str]:
+    out = []
     if lm_eval:
         out += ["", "lm-evaluation-harness (`train.lm_eval`, zero-shot unless stated; KoBEST with the harness's own "
                     "task definitions on the KoBEST v1.0 files, CC-BY-SA-4.0, Kim et al., COLING 2022):", "",
@@ -151,6 +155,24 @@ def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str
                 for f, r in evaluate.items()]  # fmt: skip
     if not lm_eval and not evaluate:
         out += ["", "No downstream evaluation on record (`python -m train.lm_eval run.dir=DIR tasks=[kobest]`)."]
+    return out
+
+
+def model_card(run_dir: str | Path, meta: dict, n_params: int, architecture: str, tokenizer: dict,
+               license: str | None) -> str:  # fmt: skip
+    """README.md text for the export of `run_dir`'s checkpoint `meta["tag"]` with `n_params` parameters."""
+    run_dir = Path(run_dir)
+    rows = _rows(run_dir)
+    train_rows = [r for r in rows if "loss" in r and r["step"] <= meta["step"]]
+    val_rows = [r for r in rows if r.get("val_loss") is not None and r["step"] <= meta["step"]]
+    sources = (_read_json(run_dir / "bom.json") or {}).get("sources", {})
+    out = _front_and_license(meta, n_params, architecture, sources, license)
+    out += _architecture(ModelConfig.from_dict(meta["model"]), meta, n_params, architecture)
+    out += _tokenizer(tokenizer)
+    out += _training(meta, train_rows, _read_json(run_dir / "hardware.json"))
+    out += _data(sources)
+    out += ["", "## Evaluation", "", *_validation(train_rows, val_rows)]
+    out += _downstream(_read_json(run_dir / "lm_eval.json") or {}, _read_json(run_dir / "evaluate.json") or {})
     out += ["", "## Limitations", "",
             "A pretrained base model: not instruction-tuned or safety-tuned; it continues text and may reproduce "
             "errors and biases of its training data."]  # fmt: skip
