@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +71,20 @@ def train_args(tok: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
 def torchrun_pretrain(*args: str, check: bool = True):
     """`torchrun --nproc_per_node=2 -m train.pretrain ARGS` on CPU (gloo), as a real job."""
     return run_module("torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain", *args, check=check)
+
+
+def stopped_at(run: Path, dest: Path, step: int) -> Path:
+    """A copy of `run` as it stood after its step-`step` checkpoint: later checkpoints, later metrics rows and W&B
+    files left out, `latest` pointing at that checkpoint."""
+
+    def later(_dir: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "wandb" or (re.fullmatch(r"step_\d{8}", n) and int(n[5:]) > step)]
+
+    shutil.copytree(run, dest, ignore=later)
+    (dest / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dest
 
 
 def losses(run_dir: Path) -> dict[int, float]:

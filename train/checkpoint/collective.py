@@ -107,8 +107,23 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
         if engine.load_universal_checkpoint() and engine.zero_optimization_partition_weights():
             fix_zero3_universal_load(engine, tag_dir / UNIVERSAL / "zero")
+        if engine.load_universal_checkpoint():
+            _match_schedule_to_groups(engine.lr_scheduler, tag_dir)
         # A rank that did not exist at save time (more ranks now) keeps its seeded RNG; training draws none on CPU.
         rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state
+
+
+def _match_schedule_to_groups(scheduler, where: Path) -> None:
+    """A resharded resume may have another number of optimizer groups than the saved run (the expert-parallel
+    group exists only with ep_size > 1), but the LR schedule's saved state holds one base LR per saved group: every
+    group starts from the same LR (`optim.lr`), so give each group of this run that one."""
+    n = len(scheduler.optimizer.param_groups)
+    if len(scheduler.base_lrs) == n:
+        return
+    if len(set(scheduler.base_lrs)) != 1:
+        raise ValueError(f"{where}: optimizer groups with different base LRs {scheduler.base_lrs} cannot be regrouped")
+    scheduler.base_lrs = scheduler.base_lrs[:1] * n
+    scheduler._last_lr = scheduler._last_lr[:1] * n

@@ -11,7 +11,10 @@ behaviour it depends on; tests/train/engine/test_deepspeed_compat.py fails loudl
 - model_states_from_every_tensor_parallel_rank: the MoE save picks its writers with
   `checkpoint_engine.is_data_parallel_writer` of the expert-data-parallel rank.
 - weights_only_loading: DeepSpeed calls `torch.load` without `weights_only`; torch honours an environment override.
-- convert_to_universal: `deepspeed.checkpoint.ds_to_universal` is a script; its `main` takes an argparse namespace.
+- convert_to_universal: `deepspeed.checkpoint.ds_to_universal` is a script; its `main` takes an argparse namespace;
+  expert weights are merged by our function in place of its `merge_tp_slices`, from its fragment files
+  (NAME/TP_RANK/STATE.DP_RANK), with the `is_expert_param` / `ep_num_experts` keys its universal loader slices by.
+- expert_ranks: the rank layouts of `_create_expert_and_data_parallel` (E + D, and TP-strided).
 - complete_universal_folder: `ds_to_universal` writes the model-state file under one name and no ZeRO-3 optimizer
   state.
 - fix_zero3_universal_load: ZeRO-3's universal load gives every group group 0's hyperparameters and one shared step.
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import pickle
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -388,16 +393,111 @@ def weights_only_loading(where: Path):
 # --- universal checkpoints --------------------------------------------------------------------------------------
 
 
-def convert_to_universal(folder: Path, out: Path, workers: int) -> None:
+@dataclass(frozen=True)
+class ExpertShards:
+    """How a ZeRO-1/2 checkpoint's routed-expert weights were split: `names` (each a stacked (n_experts, ...)
+    parameter), over `ep_size` expert-parallel ranks, each rank's share partitioned by ZeRO over its
+    expert-data-parallel group, in a job of `world` ranks and `tp_size`-way tensor parallelism."""
+
+    names: frozenset[str]
+    n_experts: int
+    world: int
+    ep_size: int
+    tp_size: int = 1
+
+
+def expert_ranks(world: int, ep_size: int, tp_size: int = 1) -> list[tuple[int, int]]:
+    """(expert-parallel rank, expert-data-parallel rank) of every global rank, as `create_expert_groups` makes the
+    groups (DeepSpeed's `_create_expert_and_data_parallel`, one pipeline stage: its E + D layout without tensor
+    parallelism, its TP-strided one with it). A rank's place in a group is its place in the sorted ranks (torch's
+    `new_group` sorts them)."""
+    if tp_size == 1:
+        return [(r % ep_size, r // ep_size) for r in range(world)]
+    ordered = [g * tp_size + lane for lane in range(tp_size) for g in range(world // tp_size)]
+    ep_groups = [ordered[i : i + ep_size] for i in range(0, world, ep_size)]
+    edp_groups = [[group[pos] for group in ep_groups] for pos in range(ep_size)]
+    where = {}
+    for kind, groups in enumerate((ep_groups, edp_groups)):
+        for group in groups:
+            for r in group:
+                where[(kind, r)] = sorted(group).index(r)
+    return [(where[(0, r)], where[(1, r)]) for r in range(world)]
+
+
+def _merge_expert_slices(experts: ExpertShards, merge_tp_slices: Callable, uc_info, dir, slice_dir, tp_degree,
+                         name_and_shapes):  # fmt: skip
+    """`ds_to_universal.merge_tp_slices` for a routed-expert parameter: its whole (n_experts, ...) tensor from every
+    rank's fragment, written with DeepSpeed's expert-parameter keys so that a universal load takes each
+    expert-parallel rank's experts out of it (`load_hp_checkpoint_state`). DeepSpeed's own merge concatenates a
+    parameter's fragments in data-parallel order per tensor-parallel rank, which for expert weights mixes the
+    experts of different expert-parallel ranks (their ZeRO partitions follow the expert-data-parallel group)."""
+    from deepspeed.checkpoint import constants as c
+    from deepspeed.checkpoint.ds_to_universal import SubparamShape
+
+    name, per_tp_shapes = name_and_shapes
+    if name not in experts.names:
+        return merge_tp_slices(uc_info, dir, slice_dir, tp_degree, name_and_shapes)
+    ranks = expert_ranks(experts.world, experts.ep_size, experts.tp_size)
+    edp_size = experts.world // experts.ep_size
+    base = Path(slice_dir) / name
+    step = None
+    for state in ("fp32", "exp_avg", "exp_avg_sq", "step"):
+        parts = {}
+        for r, where in enumerate(ranks):
+            # ds_to_universal's fragment files: NAME/TP_RANK/STATE.DP_RANK (tensor-parallel groups are consecutive).
+            path = base / str(r % experts.tp_size) / f"{state}.{r // experts.tp_size:02d}"
+            if path.is_file():
+                parts[where] = torch.load(path, weights_only=True)
+        if state == "step":
+            step = next(iter(parts.values()), None)
+            continue
+        local = [
+            torch.cat([parts[(e, k)] for k in range(edp_size) if (e, k) in parts]).view(per_tp_shapes[0])
+            for e in range(experts.ep_size)
+        ]
+        full = torch.cat(local)
+        if full.shape[0] != experts.n_experts:
+            raise ValueError(f"{name}: {full.shape[0]} experts assembled from the checkpoint, expected "
+                             f"{experts.n_experts}")  # fmt: skip
+        record = {c.PARAM: full, c.CAT_DIM: 0, c.EP_IS_EXPERT_PARAM: True, c.EP_NUM_EXPERTS: experts.n_experts}
+        (Path(dir) / name).mkdir(parents=True, exist_ok=True)
+        torch.save(record, Path(dir) / name / f"{state}.pt")
+    if step is not None:
+        torch.save(step, Path(dir) / name / "step.pt")
+    keys = (c.TP_REPLICATED_PARAMETER_PATTERNS, c.PARAMETER_TO_AVERAGE_PATTERNS,
+            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS, c.VOCABULARY_PARAMETER_PATTERNS,
+            c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0)  # fmt: skip
+    patterns = {p for key in keys for p in uc_info.get(key, [])}
+    patterns.update(p for s in uc_info.get(c.PARAMETER_WITH_SUB_PARAMS, []) for p in SubparamShape(**s).patterns)
+    return {p for p in patterns if not re.match(p, name)}  # the patterns this parameter used, as DeepSpeed's merge
+
+
+def convert_to_universal(folder: Path, out: Path, workers: int, experts: ExpertShards | None = None) -> None:
     """DeepSpeed's `ds_to_universal` on one checkpoint folder. It is a script with no library entry point: its
-    `main` takes the script's argparse namespace (these fields as of 0.19) and prints progress (sent to stderr)."""
+    `main` takes the script's argparse namespace (these fields as of 0.19) and prints progress (sent to stderr).
+
+    `experts` (a ZeRO-1/2 checkpoint of an expert-parallel run): their parameters are merged by
+    `_merge_expert_slices`, put in place of the module's `merge_tp_slices` (which `_merge_tp_slice_files` looks up
+    when it runs) for the conversion, in this process (one worker: a worker process might not see the swap).
+    Without it DeepSpeed's merge takes a parameter's fragments per tensor-parallel rank in data-parallel order, while
+    an expert weight's fragments follow its expert-data-parallel group, so it joins pieces of other ranks' experts;
+    on a tp 2 x dp 2 x ep 2 ZeRO-1 checkpoint it stops with "No fragment files for tp rank 0 of a parameter whose
+    recorded shape (4, 192, 128) is not empty" (`_merge_zero_shards`, ds_to_universal.py:290 in 0.19.8)."""
     from deepspeed.checkpoint import ds_to_universal
 
+    if experts is not None:
+        workers = 1
     args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # fmt: skip
-    with contextlib.redirect_stdout(sys.stderr):
-        ds_to_universal.main(args)
+    original = ds_to_universal.merge_tp_slices
+    if experts is not None:
+        ds_to_universal.merge_tp_slices = functools.partial(_merge_expert_slices, experts, original)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            ds_to_universal.main(args)
+    finally:
+        ds_to_universal.merge_tp_slices = original
 
 
 def complete_universal_folder(folder: Path) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.config import ModelConfig
 from model.moe import Experts, MoE
 from model.output import ModelOutput
 from model.transformer import BlockRunner, Transformer
@@ -190,22 +191,44 @@ def build_pipeline(model: Transformer, pp_size: int):
     return pipe
 
 
-def _check_experts_in_every_stage(model: Transformer, pipe: nn.Module, layers: list, ep_size: int) -> None:
+@functools.cache
+def stage_layers(n_layers: int, pp_size: int, trailing_embedding: bool) -> tuple[tuple[int, ...], ...]:
+    """The decoder layers each stage holds: DeepSpeed's `type:PipeBlock` partition of `build_pipeline`'s layer list
+    ([embedding, n_layers blocks, head, and the tied embedding when `trailing_embedding`]), i.e. its
+    `partition_balanced` over weight 1 per block. Computed before any process group exists, so a layout is checked
+    before any work; `build_pipeline` checks it against the partition DeepSpeed made."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    weights = [0, *([1] * n_layers), 0, *([0] if trailing_embedding else [])]
+    parts = partition_balanced(weights, pp_size)
+    return tuple(tuple(i - 1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= n_layers) for s in range(pp_size))
+
+
+def check_experts_in_every_stage(cfg: ModelConfig, pp_size: int, ep_size: int) -> None:
     """Expert parallelism in a pipeline needs routed experts in every stage: ZeRO-1 reduces the gradient norm over
     the stages once per optimizer parameter group, and a stage with expert weights has one group more."""
-    parts = pipe.parts
-    mtp_last = bool(model.cfg.mtp.depth)  # the MTP blocks (MoE layers) live in the head, on the last stage
-    for stage in range(len(parts) - 1):
-        blocks = [layer for layer in layers[parts[stage] : parts[stage + 1]] if isinstance(layer, PipeBlock)]
-        has_moe = any(isinstance(b.block.mlp, MoE) for b in blocks) or (stage == len(parts) - 2 and mtp_last)
-        if not has_moe:
+    stages = stage_layers(cfg.n_layers, pp_size, cfg.tie_embeddings or bool(cfg.mtp.depth))
+    for stage, blocks in enumerate(stages):
+        mtp = stage == pp_size - 1 and bool(cfg.mtp.depth)  # the MTP blocks (MoE layers) live in the last stage
+        if not mtp and not any(cfg.is_moe_layer(i) for i in blocks):
             raise ValueError(
-                f"parallel.ep_size={ep_size} with "
-                f"parallel.pp_size={len(parts) - 1}: pipeline stage {stage} holds decoder layers "
-                f"{[b.index for b in blocks]}, none of them MoE (model.moe.first_k_dense="
-                f"{model.cfg.moe.first_k_dense}), and expert parallelism needs routed experts in every stage. "
-                "Use fewer stages or more layers per stage, or ep_size=1"
+                f"parallel.ep_size={ep_size} with parallel.pp_size={pp_size}: pipeline stage {stage} holds decoder "
+                f"layers {list(blocks)}, none of them MoE (model.moe.first_k_dense={cfg.moe.first_k_dense}), and "
+                "expert parallelism needs routed experts in every stage. Use fewer stages or more layers per stage, "
+                "or ep_size=1"
             )
+
+
+def _check_experts_in_every_stage(model: Transformer, pipe: nn.Module, layers: list, ep_size: int) -> None:
+    parts = pipe.parts
+    made = tuple(
+        tuple(layer.index for layer in layers[parts[s] : parts[s + 1]] if isinstance(layer, PipeBlock))
+        for s in range(len(parts) - 1)
+    )
+    expected = stage_layers(model.cfg.n_layers, len(parts) - 1, len(layers) > model.cfg.n_layers + 2)
+    if made != expected:  # the layout check ran on `stage_layers`: it must be the partition DeepSpeed made
+        raise RuntimeError(f"DeepSpeed partitioned the pipeline as {made}, not {expected} (stage_layers): update it")
+    check_experts_in_every_stage(model.cfg, len(parts) - 1, ep_size)
 
 
 class PipelineEngine(Engine):

@@ -148,7 +148,7 @@ def plan_run(cfg: PretrainConfig, world_size: int) -> Plan:
                 f"{ckpt_dir} already holds checkpoint {tag} and checkpoint.resume=never: use a new run.dir"
             )
         meta = read_meta(ckpt_dir, tag)
-        check_compatible(meta, model, tok.sha256, ckpt_dir / tag, ep_size)
+        check_compatible(meta, model, tok.sha256, ckpt_dir / tag)
         universal = needs_universal(
             meta, world_size, cfg.deepspeed.zero_stage, ckpt_dir / tag, parallel.tp, parallel.pp, ep_size
         )

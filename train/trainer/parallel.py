@@ -127,22 +127,19 @@ class ParallelLayout:
                 f"parallel.pp_size={pp} exceeds model.n_layers={model.n_layers}: every stage needs at least one "
                 "decoder layer. Use pp_size <= n_layers"
             )
+        if self.ep > 1 and model.moe.enabled:
+            from train.engine.pipeline import check_experts_in_every_stage  # imports DeepSpeed: only when needed
+
+            check_experts_in_every_stage(model, pp, self.ep)
 
     def _check_ep(self, model: ModelConfig, zero_stage: int) -> None:
-        if self.tp > 1:
-            if zero_stage == 3:
-                raise ValueError(
-                    f"parallel.ep_size={self.ep} with parallel.tp_size={self.tp} under deepspeed.zero_stage=3: tensor "
-                    "with expert parallelism is implemented for ZeRO-1 and ZeRO-2 only (ZeRO-3's per-parameter "
-                    "expert placement is untested beside AutoTP). Use deepspeed.zero_stage=1 or 2"
-                )
-            if self.dp % self.ep:
-                raise ValueError(
-                    f"parallel.ep_size={self.ep} must divide the data-parallel size {self.dp} (world "
-                    f"{self.world_size} / parallel.tp_size={self.tp}): with tensor parallelism the experts are "
-                    "sharded over the data-parallel ranks of each tensor-parallel rank. Choose an ep_size that "
-                    f"divides {self.dp}, or launch more ranks"
-                )
+        if self.tp > 1 and self.dp % self.ep:
+            raise ValueError(
+                f"parallel.ep_size={self.ep} must divide the data-parallel size {self.dp} (world "
+                f"{self.world_size} / parallel.tp_size={self.tp}): with tensor parallelism the experts are "
+                "sharded over the data-parallel ranks of each tensor-parallel rank. Choose an ep_size that "
+                f"divides {self.dp}, or launch more ranks"
+            )
         if self.pp > 1 and self.dp % self.ep:
             raise ValueError(
                 f"parallel.ep_size={self.ep} must divide the data-parallel size {self.dp} (world {self.world_size} / "

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import STEPS, run_module, train_args
+from tests.helpers import STEPS, run_module, stopped_at, train_args
 from train import checkpoint
 from train.checkpoint.compat import needs_universal
 
@@ -19,12 +18,7 @@ from train.checkpoint.compat import needs_universal
 @pytest.fixture
 def stopped_at_step_5(trained_run, tmp_path) -> Path:
     """The session's 2-rank ZeRO-2 run as it was after step 5: its checkpoint there, metrics up to step 5."""
-    run_dir = tmp_path / "reshard"
-    shutil.copytree(trained_run, run_dir, ignore=shutil.ignore_patterns("wandb", "step_00000010"))
-    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 5))
-    return run_dir
+    return stopped_at(trained_run, tmp_path / "reshard", 5)
 
 
 def _train_rows(run_dir: Path) -> dict[int, dict]:
@@ -83,11 +77,28 @@ def test_a_pipeline_checkpoint_reshards_only_to_a_layout_without_pipeline():
         needs_universal({"world_size": 1, "zero_stage": 1}, 2, 1, Path("ckpt"), pp_size=2)
 
 
-def test_a_tensor_and_expert_parallel_checkpoint_is_not_resharded():
-    saved = {"world_size": 4, "zero_stage": 1, "tp_size": 2}
+def test_a_tensor_and_expert_parallel_checkpoint_is_resharded_between_zero_1_and_2_only():
+    saved = {"world_size": 4, "zero_stage": 1, "tp_size": 2, "ep_size": 2}
     assert not needs_universal(saved, 4, 1, Path("ckpt"), tp_size=2, ep_size=2)
-    with pytest.raises(ValueError, match="DeepSpeed's universal conversion fails on expert weights"):
-        needs_universal(saved, 2, 1, Path("ckpt"), tp_size=1, ep_size=2)
+    assert needs_universal(saved, 2, 1, Path("ckpt"), tp_size=1, ep_size=2)
+    assert needs_universal(saved, 4, 2, Path("ckpt"), tp_size=2, ep_size=2)
+    for where, stage in ((saved, 3), ({**saved, "zero_stage": 3}, 1)):
+        with pytest.raises(ValueError, match="resharded from ZeRO-1/2 files to a ZeRO-1/2 job only"):
+            needs_universal(where, 2, stage, Path("ckpt"), tp_size=1, ep_size=2)
+
+
+def test_another_expert_parallel_degree_is_resharded_between_zero_1_and_2_only():
+    old = {"world_size": 2, "zero_stage": 2, "ep_size": 2}
+    assert needs_universal(old, 2, 2, Path("ckpt"), ep_size=1)  # same world and stage, another ep_size
+    assert needs_universal(old, 1, 1, Path("ckpt"))
+    assert needs_universal({"world_size": 1, "zero_stage": 1}, 2, 2, Path("ckpt"), ep_size=2)
+    for meta, stage, pp in (
+        (old, 3, 1),
+        ({**old, "zero_stage": 3}, 2, 1),
+        ({**old, "zero_stage": 1, "pp_size": 2}, 1, 2),
+    ):
+        with pytest.raises(ValueError, match="another expert-parallel degree is resharded from ZeRO-1/2 files"):
+            needs_universal(meta, 2, stage, Path("ckpt"), pp_size=pp, ep_size=1)
 
 
 def test_pipeline_parameter_names_map_to_the_model_s():

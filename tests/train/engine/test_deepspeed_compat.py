@@ -118,6 +118,44 @@ def test_ds_to_universal_takes_the_namespace_we_build():
     assert list(inspect.signature(ds_to_universal.main).parameters) == ["args"]
 
 
+def test_expert_ranks_follow_deepspeed_s_group_layouts():
+    """expert_ranks repeats `_create_expert_and_data_parallel`'s layouts (the docstring examples of
+    create_expert_groups): E + D without tensor parallelism, TP-strided with it."""
+    from deepspeed.utils import groups
+
+    # world 4, ep 2: expert-parallel [0, 1] [2, 3], expert-data-parallel [0, 2] [1, 3]
+    assert compat.expert_ranks(4, 2) == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    # world 4, tp 2, ep 2: expert-parallel [0, 2] [1, 3], expert-data-parallel [0, 1] [2, 3]
+    assert compat.expert_ranks(4, 2, 2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # world 8, tp 2, ep 2: expert-parallel [0, 2] [4, 6] [1, 3] [5, 7], expert-data-parallel [0, 1, 4, 5] [2, 3, 6, 7]
+    assert compat.expert_ranks(8, 2, 2) == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    source = inspect.getsource(groups._create_expert_and_data_parallel)
+    for line in ("ranks = range(pp_stage_start + i, pp_stage_start + pp_stride, expert_parallel_size_)",
+                 "ranks = range(i * expert_parallel_size_, (i + 1) * expert_parallel_size_)",
+                 "ordered_stage_ranks.append(stage_ranks[tp_group_idx * effective_mp_size + dp_lane])",
+                 "edp_groups_list = [[ep_groups_list[g][pos] for g in range(num_ep_groups)]"):  # fmt: skip
+        assert line in source, line
+
+
+def test_universal_conversion_and_load_of_expert_weights():
+    """convert_to_universal(experts=...) swaps ds_to_universal's `merge_tp_slices` (looked up when the merge runs)
+    and writes the expert keys that the universal loader slices by expert-parallel rank."""
+    from deepspeed.checkpoint import ds_to_universal, universal_checkpoint
+
+    assert "partial(merge_tp_slices, uc_info, zero_output_folder, temp_dir, tp_degree)" in inspect.getsource(
+        ds_to_universal._merge_tp_slice_files
+    )
+    assert 'path = os.path.join(param_base_path, f"{state_name}.{dp_index_to_str(dp_index)}")' in inspect.getsource(
+        ds_to_universal.dump_param_fragment
+    )
+    assert "param_base_path = os.path.join(dir, param_name, str(tp_index))" in inspect.getsource(
+        ds_to_universal.dump_param_fragment
+    )
+    load = inspect.getsource(universal_checkpoint.load_hp_checkpoint_state)
+    assert "full_hp_param = full_hp_param[ep_start:ep_end]" in load
+    assert "ckpt_dict.get(EP_IS_EXPERT_PARAM, False)" in load
+
+
 def test_zero3_universal_loader_shortcuts_are_still_there():
     """fix_zero3_universal_load and complete_universal_folder: ZeRO-3's universal loader reads the step from
     `optimizer_state_dict` (which a ZeRO-1/2 conversion does not write), shares that one step tensor between all

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import STEPS, run_module, train_args
+from tests.helpers import STEPS, run_module, stopped_at, train_args
 
 
 def rows(run_dir: Path) -> dict[int, dict]:
@@ -36,14 +35,6 @@ def muon_run(tiny_tokenizer, tiny_data, tmp_path_factory) -> Path:
     return run_dir
 
 
-def stopped_at_5(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("wandb", "step_00000010"))
-    (dest / "checkpoints" / "latest").write_text("step_00000005")
-    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 5]
-    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-    return dest
-
-
 @pytest.mark.slow
 def test_momentum_is_checkpointed_and_resume_is_exact(muon_run, tiny_tokenizer, tiny_data, tmp_path):
     files = sorted((muon_run / "checkpoints" / "step_00000005").glob("*optim_states.pt"))
@@ -52,7 +43,7 @@ def test_momentum_is_checkpointed_and_resume_is_exact(muon_run, tiny_tokenizer, 
     groups = sd["base_optimizer_state"]["param_groups"]
     muon = [i for i, g in enumerate(groups) if g["use_muon"]]
     assert muon and all(sd["base_optimizer_state"]["state"][i]["exp_avg"].abs().sum() > 0 for i in muon)
-    run_dir = stopped_at_5(muon_run, tmp_path / "resumed")
+    run_dir = stopped_at(muon_run, tmp_path / "resumed", 5)
     pretrain(2, *train_args(tiny_tokenizer, tiny_data, run_dir, "optim=muon", "checkpoint.keep_last=0"))
     ref, got = rows(muon_run), rows(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -63,7 +54,7 @@ def test_momentum_is_checkpointed_and_resume_is_exact(muon_run, tiny_tokenizer, 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc,stage", [(1, 1), (2, 3)])
 def test_resharded_resume(muon_run, tiny_tokenizer, tiny_data, tmp_path, nproc, stage):
-    run_dir = stopped_at_5(muon_run, tmp_path / "reshard")
+    run_dir = stopped_at(muon_run, tmp_path / "reshard", 5)
     args = train_args(tiny_tokenizer, tiny_data, run_dir, "optim=muon", f"deepspeed.zero_stage={stage}")
     proc = pretrain(nproc, *args)
     assert "resumed from" in proc.stderr and "universal" in proc.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import STEPS, run_module, torchrun_pretrain, train_args
+from tests.helpers import STEPS, run_module, stopped_at, torchrun_pretrain, train_args
 from tests.train.trainer.test_pretrain import losses
 
 DEEPSEEK = ("model=deepseek_tiny", "model.n_layers=3", "model.max_seq_len=256")
@@ -149,23 +149,28 @@ def test_expert_parallel_run_exports_the_ep1_model(ds_runs, ep_runs, tmp_path):
 
 @pytest.mark.slow
 def test_expert_parallel_resume_reproduces_uninterrupted_run(ep_runs, tiny_tokenizer, tiny_data, tmp_path):
-    import shutil
-
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(ep_runs[2], run_dir)  # then roll it back to its step-5 checkpoint
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
-    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
-    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 5]
-    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    run_dir = stopped_at(ep_runs[2], tmp_path / "resumed", 5)
     torchrun_pretrain(*ds_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2", EP))
     assert losses(run_dir) == losses(ep_runs[2])
 
 
 @pytest.mark.slow
-def test_resume_with_other_ep_size_is_refused(ep_runs, tiny_tokenizer, tiny_data):
-    proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, ep_runs[2]), check=False)
+def test_resume_with_other_ep_size(ep_runs, tiny_tokenizer, tiny_data, tmp_path):
+    """ep_size 2 -> 1 on one rank: a ZeRO-2 checkpoint is resharded through the universal checkpoint (every expert in
+    it) and the losses continue within 1e-5; a ZeRO-3 one is refused in one line (its expert partitions are not
+    merged)."""
+    run_dir = stopped_at(ep_runs[2], tmp_path / "resumed", 5)
+    proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, run_dir, "deepspeed.zero_stage=2"))
+    assert "converting it to" in proc.stderr
+    got, want = losses(run_dir), losses(ep_runs[2])
+    assert sorted(got) == sorted(want)
+    for step in range(6, 11):
+        assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+    proc = run_module("train.pretrain", *ds_args(tiny_tokenizer, tiny_data, ep_runs[3], "deepspeed.zero_stage=3"),
+                      check=False)  # fmt: skip
     assert proc.returncode != 0
-    assert "saved with ep_size=2" in proc.stderr and "Traceback" not in proc.stderr
+    assert "another expert-parallel degree is resharded from ZeRO-1/2 files" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_ep_size_must_divide_the_world_size(tiny_tokenizer, tiny_data, tmp_path):

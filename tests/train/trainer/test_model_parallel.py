@@ -4,14 +4,13 @@ of the same global batch, exact and resharded resume, and the same exported weig
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import losses, run_module, train_args
+from tests.helpers import losses, run_module, stopped_at, train_args
 
 STEPS = 6
 DENSE = ("model=nano",)
@@ -88,9 +87,11 @@ def test_sequence_parallel_2_trains_like_one_rank(runs, name, model, extra):
 
 
 @pytest.mark.slow
-def test_sequence_parallel_with_expert_parallel(runs):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sequence_parallel_with_expert_parallel(runs, stage):
     ref = runs("base_deepseek_tiny", 1, DEEPSEEK)
-    assert_same_losses(runs("sp2_ep2", 2, DEEPSEEK, "parallel.sp_size=2", "parallel.ep_size=2"), ref)
+    layout = ("parallel.sp_size=2", "parallel.ep_size=2", f"deepspeed.zero_stage={stage}")
+    assert_same_losses(runs(f"sp2_ep2_zero{stage}", 2, DEEPSEEK, *layout), ref)
 
 
 @pytest.mark.slow
@@ -108,12 +109,13 @@ def test_tensor_parallel_2_by_data_parallel_2(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_tensor_parallel_2_by_data_parallel_2_with_expert_parallel_2(runs, stage):
     """4 processes: tensor-parallel groups [0, 1], [2, 3]; the routed experts are sharded over the data-parallel
     ranks of each tensor-parallel rank (expert-parallel [0, 2], [1, 3]) while attention, the dense MLP and the shared
     experts are tensor-parallel. The gradient norm checks that each expert gradient, computed alike by both ranks of
-    a tensor-parallel group, is counted once (it is 2% off at step 1 when it is not)."""
+    a tensor-parallel group, is counted once (it is 2% off at step 1 when it is not). ZeRO-3 also partitions each
+    rank's expert weights over its expert-data-parallel group ([0, 1], [2, 3]: the tensor-parallel peers)."""
     import json
 
     ref = runs("base_deepseek_tiny", 1, DEEPSEEK)
@@ -127,16 +129,6 @@ def test_tensor_parallel_2_by_data_parallel_2_with_expert_parallel_2(runs, stage
     assert_same_weights(run, ref)  # all experts gathered into model.safetensors, in global order
 
 
-def _stopped_at_step_3(src: Path, dst: Path) -> Path:
-    import json
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"step_{STEPS:08d}"))
-    (dst / "checkpoints" / "latest").write_text("step_00000003")
-    rows = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
-    return dst
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("saved", "nproc", "resume_with"),
@@ -148,7 +140,7 @@ def _stopped_at_step_3(src: Path, dst: Path) -> Path:
 )
 def test_resume_on_the_same_or_another_layout(runs, tiny_tokenizer, tiny_data, tmp_path, saved, nproc, resume_with):
     src = runs("tp2_nano" if saved == "tp2" else "sp2_gqa", 2, DENSE, f"parallel.{saved[:2]}_size=2")
-    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
     proc = launch(nproc, args(tiny_tokenizer, tiny_data, run_dir, DENSE, "deepspeed.zero_stage=1", *resume_with))
     assert "resumed from" in proc.stderr
     assert ("converting it to" in proc.stderr) == (nproc == 1)
@@ -184,7 +176,7 @@ def test_muon_resume_under_tensor_parallel(runs, tiny_tokenizer, tiny_data, tmp_
     """The Muon momentum of each slice is checkpointed: the same layout resumes bit for bit, one rank through the
     universal checkpoint (slices merged) within 1e-5."""
     src = runs("muon_tp2_nano", 2, DENSE, *MUON, "parallel.tp_size=2")
-    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
     proc = launch(nproc, args(tiny_tokenizer, tiny_data, run_dir, DENSE, "deepspeed.zero_stage=1", *MUON, *resume_with))
     assert "resumed from" in proc.stderr
     got, want = losses(run_dir), losses(src)
@@ -221,20 +213,42 @@ def test_qk_clip_under_tensor_parallel_2_clips_like_one_rank(runs, model):
 
 
 @pytest.mark.slow
-def test_tensor_with_expert_parallel_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
-    """Every tensor-parallel rank's model-states file is written (DeepSpeed's MoE save would write only rank 0's)."""
-    layout = ("parallel.tp_size=2", "parallel.ep_size=2", "deepspeed.zero_stage=1")
-    src = runs("tp2_ep2_zero1", 4, DEEPSEEK, *layout)
-    assert sorted(p.name for p in (src / "checkpoints" / "step_00000003").glob("mp_rank_*")) == [
-        "mp_rank_00_model_states.pt",
-        "mp_rank_01_model_states.pt",
-    ]
-    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+@pytest.mark.parametrize("stage", [1, 3])
+def test_tensor_with_expert_parallel_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path, stage):
+    """ZeRO-1: every tensor-parallel rank's model-states file is written (DeepSpeed's MoE save would write only rank
+    0's). ZeRO-3: each rank's partitions of the experts come back from its own files."""
+    layout = ("parallel.tp_size=2", "parallel.ep_size=2", f"deepspeed.zero_stage={stage}")
+    src = runs(f"tp2_ep2_zero{stage}", 4, DEEPSEEK, *layout)
+    if stage == 1:
+        assert sorted(p.name for p in (src / "checkpoints" / "step_00000003").glob("mp_rank_*")) == [
+            "mp_rank_00_model_states.pt",
+            "mp_rank_01_model_states.pt",
+        ]
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
     proc = launch(4, args(tiny_tokenizer, tiny_data, run_dir, DEEPSEEK, *layout))
     assert "resumed from" in proc.stderr
     got, want = losses(run_dir), losses(src)
     for step in range(4, STEPS + 1):
         assert got[step] == want[step], (step, got[step], want[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "resume_with"), [(2, ("parallel.ep_size=2",)), (1, ())], ids=["ep2", "one_rank"])
+def test_tensor_with_expert_parallel_resumes_on_another_layout(
+    runs, tiny_tokenizer, tiny_data, tmp_path, nproc, resume_with
+):
+    """tp 2 x dp 2 x ep 2 (ZeRO-1, 4 ranks) -> ep 2 without tensor parallelism on 2 ranks, and -> one rank (all
+    experts local), through the universal checkpoint: the expert weights and Adam moments are merged from the ranks
+    that hold them (deepspeed_compat `_merge_expert_slices`), the dense ones from their tensor-parallel slices; the
+    losses continue within 1e-5."""
+    src = runs("tp2_ep2_zero1", 4, DEEPSEEK, "parallel.tp_size=2", "parallel.ep_size=2", "deepspeed.zero_stage=1")
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
+    proc = launch(nproc, args(tiny_tokenizer, tiny_data, run_dir, DEEPSEEK, *resume_with, "deepspeed.zero_stage=1"))
+    assert "converting it to" in proc.stderr and "resumed from" in proc.stderr
+    got, want = metric_rows(run_dir), metric_rows(src)
+    for step in range(4, STEPS + 1):
+        for key in ("loss", "grad_norm", "aux_loss", "mtp_loss"):
+            assert math.isclose(got[step][key], want[step][key], rel_tol=1e-5), (key, step, got[step], want[step])
 
 
 @pytest.mark.slow

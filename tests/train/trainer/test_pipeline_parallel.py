@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import losses, run_module
+from tests.helpers import losses, run_module, stopped_at
 from tests.train.trainer.test_model_parallel import (
     DEEPSEEK,
     DENSE,
     STEPS,
-    _stopped_at_step_3,
     args,
     assert_same_losses,
     assert_same_weights,
@@ -76,7 +75,7 @@ def test_pipeline_2_resumes_exactly(runs, tiny_tokenizer, tiny_data, tmp_path):
 def _assert_resumes_exactly(src, nproc: int, tok_data, tmp_path, model, *layout: str) -> None:
     """Stop a copy of run `src` after step 3, resume it on the same layout (ZeRO-1): every later loss and the final
     weights equal the uninterrupted run's, bit for bit."""
-    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
     proc = launch(nproc, args(*tok_data, run_dir, model, "deepspeed.zero_stage=1", *layout))
     assert "resumed from" in proc.stderr
     got, want = losses(run_dir), losses(src)
@@ -105,7 +104,7 @@ def test_a_pipeline_checkpoint_resumes_without_pipeline(
     the uninterrupted pipeline run and of the single-rank run."""
     src = runs(saved, nproc, model, *layout)
     ref = runs(f"base_{model[0].split('=')[1]}", 1, model)
-    run_dir = _stopped_at_step_3(src, tmp_path / "resumed")
+    run_dir = stopped_at(src, tmp_path / "resumed", 3)
     extra = ("deepspeed.zero_stage=1", *resume_with)
     proc = launch(2 if resume_with else 1, args(tiny_tokenizer, tiny_data, run_dir, model, *extra))
     assert "converting it to" in proc.stderr and "resumed from" in proc.stderr
