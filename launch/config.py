@@ -27,6 +27,9 @@ class ClusterConfig:
     """Dense bf16 tensor-core peak per GPU (TFLOP/s); MFU is quoted against it."""
     peak_tflops_fp8: float | None = None
     """Dense fp8 peak per GPU (TFLOP/s); null = no fp8 tensor cores (`execution.fp8` runs at the bf16 peak)."""
+    sustained_peak: float = 1.0
+    """Share of the datasheet peak the device sustains under dense matmuls (a power limit below the TDP lowers the
+    clocks). Step times use peak x this; MFU stays quoted against the datasheet peak, as frameworks report it."""
     memory_gb: float = 80.0
     memory_bandwidth_gbps: float = 3350.0
     """Device memory bandwidth (GB/s): memory-bound elementwise work and the optimizer step."""
@@ -56,6 +59,10 @@ class ClusterConfig:
     )
     """Matmul efficiency curve: [GEMM GFLOP, fraction of the peak] points, log-interpolated, flat beyond the ends.
     A GEMM's size is 2 x rows x inner x columns. Fit with `python -m launch.fit_efficiency`."""
+    efficiency_fp8_blockwise: list[list[float]] | None = None
+    """The same for block-scaled fp8 GEMMs (`fp8_recipe=blockwise`, DeepSeek-V3's recipe), as a fraction of
+    `peak_tflops_fp8`. Tensorwise-scaled fp8 GEMMs (this trainer's torchao float8) use the bf16 curve: they reach the
+    share of the fp8 peak that bf16 GEMMs of the same size reach of theirs. null = the bf16 curve for both."""
     elementwise_passes: float = 4.0
     """Bytes that memory-bound operators (norms, activations, RoPE, residuals, casts, softmax of the loss) move per
     byte of the activations a layer saves for backward, forward + backward, without `execution.compile`."""
@@ -65,15 +72,26 @@ class ClusterConfig:
     """The same for the loss's (tokens, vocab) logits, softmax and gradient; null = as the layers'."""
     step_overhead_s: float = 0.0
     """Fixed cost per optimizer step (launch overheads, Python, gradient clipping, logging)."""
+    micro_step_overhead_s: float = 0.0
+    """Fixed cost per micro-step (forward and backward dispatch), or per slot of a pipeline schedule (micro-batches
+    + pp - 1)."""
     source: str = ""
     """Where the figures come from."""
 
     def __post_init__(self) -> None:
         if self.gpus_per_node <= 0 or self.peak_tflops_bf16 <= 0 or self.memory_gb <= 0:
             raise ValueError(f"cluster {self.name}: gpus_per_node, peak_tflops_bf16 and memory_gb must be positive")
-        if not self.efficiency or any(len(p) != 2 or p[0] <= 0 or not 0 < p[1] <= 1 for p in self.efficiency):
-            raise ValueError(f"cluster {self.name}: efficiency must be [[gflop > 0, fraction in (0, 1]], ...]")
-        self.efficiency = sorted([float(a), float(b)] for a, b in self.efficiency)
+        self.efficiency = self._curve("efficiency", self.efficiency)
+        if self.efficiency_fp8_blockwise is not None:
+            self.efficiency_fp8_blockwise = self._curve("efficiency_fp8_blockwise", self.efficiency_fp8_blockwise)
+        if not 0 < self.sustained_peak <= 1:
+            raise ValueError(f"cluster {self.name}: sustained_peak={self.sustained_peak} must be in (0, 1]")
+
+    def _curve(self, key: str, points: list[list[float]]) -> list[list[float]]:
+        """`points` checked as [[gflop > 0, fraction in (0, 1]], ...] and sorted by size."""
+        if not points or any(len(p) != 2 or p[0] <= 0 or not 0 < p[1] <= 1 for p in points):
+            raise ValueError(f"cluster {self.name}: {key} must be [[gflop > 0, fraction in (0, 1]], ...]")
+        return sorted([float(a), float(b)] for a, b in points)
 
 
 def cluster_names() -> list[str]:
@@ -127,6 +145,12 @@ class PlanConfig:
     with deepspeed.overlap_comm=true, else 0 (DeepSpeed then reduces each bucket synchronously)."""
     ep_overlap: float = 0.0
     """Share of the expert-parallel all-to-alls hidden under compute (0 in this trainer; ~1 with DualPipe)."""
+    tp_overlap: float = 0.0
+    """Share of the tensor-parallel collectives hidden under compute (0 in this trainer: AutoTP's all-reduces are
+    synchronous; ~1 with Megatron-Core's --tp-comm-overlap)."""
+    fp8_recipe: str = "tensorwise"
+    """With execution.fp8: how the fp8 GEMMs are scaled. tensorwise = this trainer's (torchao float8); blockwise =
+    DeepSeek-V3's 1x128 / 128x128 block scaling (the cluster's `efficiency_fp8_blockwise` curve)."""
     comm_sm_share: float = 0.0
     """Share of each GPU's compute units given to communication kernels that overlap compute (0 here; DeepSeek-V3's
     DualPipe all-to-all kernels use 20 of an H800's 132 SMs: 0.15)."""
@@ -148,8 +172,11 @@ class PlanConfig:
             raise ValueError("gpus must be positive and mfu in (0, 1] (or null: predicted)")
         if self.comm_overlap is not None and not 0 <= self.comm_overlap <= 1:
             raise ValueError(f"comm_overlap={self.comm_overlap}: a share in [0, 1]")
-        if not 0 <= self.ep_overlap <= 1:
-            raise ValueError(f"ep_overlap={self.ep_overlap}: a share in [0, 1]")
+        if self.fp8_recipe not in ("tensorwise", "blockwise"):
+            raise ValueError(f"fp8_recipe={self.fp8_recipe}: choose tensorwise (this trainer's) or blockwise")
+        for key in ("ep_overlap", "tp_overlap"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key}={getattr(self, key)}: a share in [0, 1]")
         if self.global_batch_tokens % self.seq_len:
             raise ValueError(
                 f"global_batch_tokens={self.global_batch_tokens} is not a multiple of seq_len={self.seq_len}"

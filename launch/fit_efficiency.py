@@ -5,14 +5,14 @@ refit a cluster's compute model on your own hardware.
   machine, median of 5 rounds, and replaces the cluster's `efficiency` points: [GEMM GFLOP, achieved /
   peak_tflops_bf16].
 - `results=` fits `elementwise_passes` (records without compile), `elementwise_passes_compiled` (with) and, with
-  `fit_loss=true` / `fit_overhead=true` / `fit_scale=true` / `fit_latency=true`, `loss_passes` /
-  `step_overhead_s` / a common scale of the `efficiency` points / the collective latency (intra- and inter-node
-  alike) from the records without compile, by least squares on the relative error of the predicted step time. A
-  record is a `train.bench` JSON line (impl hangang; optional keys `vocab_size`, default 32000, and `gpus`, default 1)
-  from a .jsonl file, or a `train.pretrain` run directory (its config.yaml and the median step time of steps >= 2;
-  `RUN_DIR@N` for a run of N processes, `RUN_DIR@N@LOAD` with the machine's load average during it: on a shared
-  CPU (`shared_compute`) the fit normalises each record to the cluster's `load_average`, or sets it to the
-  records' mean load when it is unset).
+  `fit_loss=true` / `fit_overhead=true` / `fit_micro_overhead=true` / `fit_scale=true` / `fit_latency=true`,
+  `loss_passes` / `step_overhead_s` / `micro_step_overhead_s` / a common scale of the `efficiency` points / the
+  collective latency (intra- and inter-node alike) from the records without compile, by least squares on the relative
+  error of the predicted step time. A record is a `train.bench` JSON line (impl hangang; optional keys `vocab_size`,
+  default 32000, and `gpus`, default 1) from a .jsonl file, or a `train.pretrain` run directory (its config.yaml and
+  the median step time of steps >= 2; `RUN_DIR@N` for a run of N processes, `RUN_DIR@N@LOAD` with the machine's load
+  average during it: on a shared CPU (`shared_compute`) the fit normalises each record to the cluster's
+  `load_average`, or sets it to the records' mean load when it is unset).
 
 Prints the fitted cluster as YAML and each record's measured and predicted step time; `out=` writes the YAML;
 `fit=false` only compares the records with the cluster as it is (a check).
@@ -152,6 +152,11 @@ def _predict(cluster: ClusterConfig, plan: PlanConfig) -> dict:
     return planner.evaluate(planner.given_layout())
 
 
+def _per_unit(base: ClusterConfig, plan: PlanConfig, predicted: dict, **one: float) -> float:
+    """Step seconds that setting these cluster fields to one unit adds to `predicted` (made with `base`)."""
+    return _predict(dataclasses.replace(base, **one), plan)["step_time_s"] - predicted["step_time_s"]
+
+
 def fit(
     cluster: ClusterConfig,
     records,
@@ -159,6 +164,7 @@ def fit(
     fit_loss: bool = False,
     fit_scale: bool = False,
     fit_latency: bool = False,
+    fit_micro_overhead: bool = False,
 ):
     """Least squares on the relative error of t = rest + s x matmul + passes x layers' elementwise
     (+ loss_passes x the loss's) (+ overhead): `elementwise_passes` (or `_compiled`) per compile setting; the
@@ -185,6 +191,7 @@ def fit(
                 elementwise_passes_compiled=1.0,
                 loss_passes=0.0 if fit_loss and extra else None,
                 step_overhead_s=0.0,
+                micro_step_overhead_s=0.0 if fit_micro_overhead and extra else cluster.micro_step_overhead_s,
             )
             if fit_latency and extra:
                 base = dataclasses.replace(base, intra_node_latency_us=0.0, inter_node_latency_us=0.0)
@@ -202,11 +209,12 @@ def fit(
                     base, elementwise_passes=0.0, elementwise_passes_compiled=0.0, loss_passes=1.0
                 )
                 row.append(_predict(only_loss, plan)["step_parts_s"]["elementwise"] / t)
-            if fit_overhead and extra:
-                row.append(1 / t)
+            if fit_overhead and extra:  # seconds per second of step overhead (more where ranks share CPU cores)
+                row.append(_per_unit(base, plan, p, step_overhead_s=1.0) / t)
+            if fit_micro_overhead and extra:
+                row.append(_per_unit(base, plan, p, micro_step_overhead_s=1.0) / t)
             if fit_latency and extra:  # seconds per microsecond of collective latency
-                lat = dataclasses.replace(base, intra_node_latency_us=1.0, inter_node_latency_us=1.0)
-                row.append((_predict(lat, plan)["step_time_s"] - p["step_time_s"]) / t)
+                row.append(_per_unit(base, plan, p, intra_node_latency_us=1.0, inter_node_latency_us=1.0) / t)
             rows.append(row)
             rhs.append(1 - rest / t)
         sol = [float(x) for x in np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]]
@@ -217,6 +225,8 @@ def fit(
             fitted["loss_passes"] = round(max(0.0, sol.pop(0)), 3)
         if fit_overhead and extra:
             fitted["step_overhead_s"] = round(max(0.0, sol.pop(0)), 4)
+        if fit_micro_overhead and extra:
+            fitted["micro_step_overhead_s"] = round(max(0.0, sol.pop(0)), 4)
         if fit_latency and extra:
             latency = round(max(0.0, sol.pop(0)), 1)
             fitted["intra_node_latency_us"] = fitted["inter_node_latency_us"] = latency
@@ -230,7 +240,7 @@ def main(argv: list[str]) -> None:
     if any("=" not in a for a in argv) or not args.get("gpu"):
         raise ValueError(
             "usage: python -m launch.fit_efficiency gpu=PRESET_OR_FILE [curve=true] [results=A.jsonl,RUN_DIR@N,...] "
-            "[fit_loss|fit_overhead|fit_scale|fit_latency=true] [fit=false] [out=FILE.yaml]"
+            "[fit_loss|fit_overhead|fit_micro_overhead|fit_scale|fit_latency=true] [fit=false] [out=FILE.yaml]"
         )
     gpu = args["gpu"]
     cluster = load_cluster(gpu)
@@ -241,7 +251,8 @@ def main(argv: list[str]) -> None:
     if specs:
         records = load_records(specs, cluster_file)
         if args.get("fit", "true") == "true":
-            flags = [args.get(k) == "true" for k in ("fit_overhead", "fit_loss", "fit_scale", "fit_latency")]
+            keys = ("fit_overhead", "fit_loss", "fit_scale", "fit_latency", "fit_micro_overhead")
+            flags = [args.get(k) == "true" for k in keys]
             cluster = fit(cluster, records, *flags)
         for label, plan, t in records:
             pred = _predict(cluster, plan)["step_time_s"]

@@ -113,6 +113,60 @@ def test_tensor_sequence_and_expert_parallel_terms():
     assert hidden["parts_s"]["expert_parallel"] == 0.0
 
 
+def test_overlaps_sustained_peak_and_fp8_recipes():
+    """tp_overlap hides tensor-parallel collectives; sustained_peak slows only the FLOP-bound parts; block-scaled
+    fp8 GEMMs run at the cluster's fp8 curve, tensorwise ones at the bf16 curve's share of the fp8 peak."""
+    import dataclasses
+
+    cfg = ModelConfig(vocab_size=1024, d_model=1024, n_layers=4, n_heads=8, n_kv_heads=8, ffn_hidden=4096)
+    counts = param_counts(cfg)
+    lay, seq = Layout(2, tp=2, micro_batch_size=2), 1024
+    h800 = load_cluster("h800")
+    base = step_time(cfg, counts, lay, h800, seq, seq * 2)["parts_s"]
+    half = step_time(cfg, counts, lay, h800, seq, seq * 2, tp_overlap=0.5)["parts_s"]
+    assert base["tensor_parallel"] > 0 and half["tensor_parallel"] == pytest.approx(base["tensor_parallel"] / 2)
+    assert step_time(cfg, counts, lay, h800, seq, seq * 2, tp_overlap=1.0)["parts_s"]["tensor_parallel"] == 0.0
+    slow = step_time(cfg, counts, lay, dataclasses.replace(h800, sustained_peak=0.5), seq, seq * 2)["parts_s"]
+    assert slow["matmul_dense"] == pytest.approx(2 * base["matmul_dense"])
+    assert slow["elementwise"] == pytest.approx(base["elementwise"])  # memory-bound: clocks do not matter here
+
+    big = ModelConfig(vocab_size=1024, d_model=4096, n_layers=2, n_heads=32, n_kv_heads=8, ffn_hidden=16384)
+
+    def matmul(cluster=h800, **kw) -> float:
+        t = step_time(big, param_counts(big), Layout(1, micro_batch_size=2), cluster, 4096, 8192, **kw)
+        return t["parts_s"]["matmul_dense"]
+
+    # 1.1 TFLOP GEMMs: block scaling costs fp8 some of its gain, but fp8 still beats bf16 (not so at small GEMMs)
+    bf16, tensorwise, blockwise = matmul(), matmul(fp8=True), matmul(fp8=True, fp8_recipe="blockwise")
+    assert tensorwise < blockwise < bf16
+    no_curve = dataclasses.replace(h800, efficiency_fp8_blockwise=None)
+    assert matmul(no_curve, fp8=True, fp8_recipe="blockwise") == pytest.approx(tensorwise)
+    with pytest.raises(ValueError, match="fp8_recipe=rowwise"):
+        make("model=tiny", "fp8_recipe=rowwise")
+    with pytest.raises(ValueError, match="tp_overlap=2"):
+        make("model=tiny", "tp_overlap=2")
+
+
+def test_cpu_ranks_share_the_cores():
+    """On the cpu preset (2 cores) 4 ranks get half a core each: the same matmul seconds as 2 ranks with twice the
+    tokens each, twice the fixed overheads, and a pipeline bubble that gives the idle ranks' cores to the others."""
+    cpu = load_cluster("cpu")
+    assert cpu.shared_compute and cpu.cores == 2
+    cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=512)
+    counts = param_counts(cfg)
+    two = step_time(cfg, counts, Layout(2, zero_stage=1, micro_batch_size=2), cpu, 256, 1024)
+    four = step_time(cfg, counts, Layout(4, zero_stage=1, micro_batch_size=1), cpu, 256, 1024)
+    assert four["parts_s"]["matmul_dense"] == pytest.approx(two["parts_s"]["matmul_dense"], rel=0.05)
+    overhead = cpu.step_overhead_s + cpu.micro_step_overhead_s  # one micro-step per step in both
+    assert two["parts_s"]["overhead"] == pytest.approx(overhead)
+    assert four["parts_s"]["overhead"] == pytest.approx(2 * overhead)
+    pp = step_time(cfg, counts, Layout(4, pp=2, zero_stage=1, micro_batch_size=1), cpu, 256, 1024)
+    m = pp["micro_batches"]
+    work = sum(pp["parts_s"][k] for k in ("matmul_dense", "elementwise", "pipeline_p2p")) / m
+    assert pp["bubble_s"] == pytest.approx((2 - 1) * work * 0.5)  # half a core each: the bubble is half reclaimed
+    assert pp["parts_s"]["overhead"] == pytest.approx((cpu.step_overhead_s + (m + 1) * cpu.micro_step_overhead_s) * 2)
+
+
 def test_zero_stages_communication():
     cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=512)
     counts = param_counts(cfg)
@@ -184,6 +238,13 @@ def test_given_layout_refused_by_the_trainer_is_flagged():
         )
     )
     assert "zero_stage=0" in p["trainer_refusal"]
+    # DeepSeek-V3 in 32 stages: stage 0 holds layers 0 and 1, both dense (first_k_dense=3); with expert parallelism
+    # every stage needs experts, so the search never lists it either
+    v3 = ("model=deepseek_v3", "vocab_size=129280", "gpus=2048", "gpu=h800", "seq_len=4096", "micro_batch_size=1",
+          "global_batch_tokens=62914560", "deepspeed.zero_stage=1", "parallel.ep_size=8")  # fmt: skip
+    p = plan(make(*v3, "parallel.pp_size=32"))
+    assert "pipeline stage 0 holds decoder layers [0, 1], none of them MoE" in p["trainer_refusal"]
+    assert plan(make(*v3, "parallel.pp_size=16"))["trainer_refusal"] is None
 
 
 def test_json_keys_and_out_recipe_compose_in_process(tmp_path):
@@ -232,6 +293,35 @@ def test_fit_efficiency_recovers_the_elementwise_traffic(tmp_path):
     fitted = fit(start, records, fit_overhead=False)
     assert fitted.elementwise_passes == pytest.approx(truth.elementwise_passes, rel=1e-3)
     assert fitted.elementwise_passes_compiled == pytest.approx(truth.elementwise_passes_compiled, rel=1e-3)
+
+
+def test_fit_efficiency_recovers_the_cpu_overheads_and_latency():
+    """Step times the cpu preset itself predicts for 1, 2 and 4 ranks with 1 to 4 micro-steps are fitted back to its
+    elementwise traffic, per-step and per-micro-step overheads and collective latency."""
+    import dataclasses
+
+    from launch.fit_efficiency import _predict, fit
+
+    truth = load_cluster("cpu")
+    records = []
+    for gpus, mb, tokens, extra in (
+        (1, 4, 1024, ()),
+        (1, 1, 1024, ()),
+        (1, 8, 2048, ()),
+        (2, 2, 1024, ("deepspeed.zero_stage=1",)),
+        (2, 4, 1024, ("deepspeed.zero_stage=1", "parallel.tp_size=2")),
+        (4, 1, 1024, ("deepspeed.zero_stage=1",)),
+    ):
+        cfg = make("model=tiny", "vocab_size=8192", "gpu=cpu", f"gpus={gpus}", "seq_len=256", f"micro_batch_size={mb}",
+                   f"global_batch_tokens={tokens}", "deepspeed.zero_stage=0", *extra)  # fmt: skip
+        records.append((f"{gpus} {mb}", cfg, _predict(truth, cfg)["step_time_s"]))
+    start = dataclasses.replace(truth, elementwise_passes=1.0, step_overhead_s=0.0, micro_step_overhead_s=0.0)
+    start = dataclasses.replace(start, intra_node_latency_us=1.0, inter_node_latency_us=1.0)
+    fitted = fit(start, records, fit_overhead=True, fit_latency=True, fit_micro_overhead=True)
+    assert fitted.elementwise_passes == pytest.approx(truth.elementwise_passes, rel=1e-2)
+    assert fitted.step_overhead_s == pytest.approx(truth.step_overhead_s, rel=1e-2)
+    assert fitted.micro_step_overhead_s == pytest.approx(truth.micro_step_overhead_s, rel=1e-2)
+    assert fitted.intra_node_latency_us == pytest.approx(truth.intra_node_latency_us, rel=1e-2)
 
 
 @pytest.mark.slow  # launches the CLI in a subprocess
