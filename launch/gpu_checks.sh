@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-GPU measurements issues 14 and 15 owe, prepared to run in few device calls (each part well inside 10 min):
+# The one-GPU measurements issues 14 and 15 owe, in parts each sized for one 10-minute device call (not yet timed):
 #   pairs: on the same GPU, `train.bench` (one process, synthetic tokens) and the real trainer path (`launch.run
 #          --nproc_per_node 1 -m train.pretrain`, DeepSpeed ZeRO-1, bf16, compile + fused loss) for llama_1b and
 #          deepseek_1b_active; `launch.plan gpus=1` for each; every record against the planner with the shipped preset
