@@ -8,10 +8,11 @@ refit a cluster's compute model on your own hardware.
   `fit_loss=true` / `fit_overhead=true` / `fit_micro_overhead=true` / `fit_scale=true` / `fit_latency=true`,
   `loss_passes` / `step_overhead_s` / `micro_step_overhead_s` / a common scale of the `efficiency` points / the
   collective latency (intra- and inter-node alike) from the records without compile, by least squares on the relative
-  error of the predicted step time. A record is a `train.bench` JSON line (impl hangang; optional keys `vocab_size`,
-  default 32000, and `gpus`, default 1) from a .jsonl file, or a `train.pretrain` run directory (its config.yaml and
-  the median step time of steps >= 2; `RUN_DIR@N` for a run of N processes, `RUN_DIR@N@LOAD` with the machine's load
-  average during it: on a shared CPU (`shared_compute`) the fit normalises each record to the cluster's
+  error of the predicted step time. A record is a `train.bench` JSON line (impl hangang; its `model_config`, or
+  for a line written by hand the model's name with optional `vocab_size`, default 32000, and `model_overrides`;
+  `gpus`, default 1) from a .jsonl file, or a `train.pretrain` run directory (its config.yaml and the median step
+  time of steps >= 2; `RUN_DIR@N` for a run of N processes, `RUN_DIR@N@LOAD` with the machine's load average during
+  it: on a shared CPU (`shared_compute`) the fit normalises each record to the cluster's
   `load_average`, or sets it to the records' mean load when it is unset).
 
 Prints the fitted cluster as YAML and each record's measured and predicted step time; `out=` writes the YAML;
@@ -123,9 +124,12 @@ def load_records(specs: list[str], cluster_file: str) -> list[tuple[str, PlanCon
             r = json.loads(line)
             if r.get("impl") != "hangang" or "tokens_per_s" not in r:
                 continue
-            model = yaml.safe_load((MODELS / f"{r['model']}.yaml").read_text())
-            model["vocab_size"] = r.get("vocab_size", 32000)
-            model.update(r.get("model_overrides", {}))
+            if "model_config" in r:  # written by train.bench: the architecture it timed
+                model = r["model_config"]
+            else:  # a record written by hand: a model config's name, its vocabulary and overrides
+                model = yaml.safe_load((MODELS / f"{r['model']}.yaml").read_text())
+                model["vocab_size"] = r.get("vocab_size", 32000)
+                model.update(r.get("model_overrides", {}))
             tokens = r["seq_len"] * r["micro_batch_size"]
             ex = {k: r[k] for k in ("activation_checkpointing", "loss_impl", "compile", "fp8") if k in r}
             plan = _plan_config(

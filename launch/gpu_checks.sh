@@ -61,8 +61,7 @@ if [[ ,$PARTS, == *,pairs,* ]]; then
     step "$model: train.bench, micro-batch $mb x $SEQ"
     $PY -m train.bench model="$model" model.vocab_size=$VOCAB bench.seq_len=$SEQ bench.micro_batch_size="$mb" \
       bench.steps=$STEPS bench.peer=false bench.compile=$COMPILE execution.loss_impl=$LOSS $extra \
-      2> "$OUT/bench_$model.log" | jsonl | $PY -c "import json,sys; r=json.load(sys.stdin); r['vocab_size']=$VOCAB; print(json.dumps(r))" \
-      >> "$OUT/bench.jsonl"
+      2> "$OUT/bench_$model.log" | jsonl >> "$OUT/bench.jsonl"
     step "$model: train.pretrain (DeepSpeed ZeRO-1, one rank), the same shapes and options"
     pretrain "$OUT/run_$model" $SEQ "$mb" $STEPS "$model" execution.compile=$COMPILE execution.loss_impl=$LOSS $extra \
       > "$OUT/pretrain_$model.log" 2>&1

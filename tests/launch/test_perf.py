@@ -295,6 +295,21 @@ def test_fit_efficiency_recovers_the_elementwise_traffic(tmp_path):
     assert fitted.elementwise_passes_compiled == pytest.approx(truth.elementwise_passes_compiled, rel=1e-3)
 
 
+def test_fit_efficiency_reads_the_architecture_train_bench_timed(tmp_path):
+    """A train.bench line carries its model config, command-line overrides included: the planner is given the
+    architecture that was timed (here MTP off and an 8K vocabulary, which deepseek_tiny.yaml does not say)."""
+    from launch.fit_efficiency import load_records
+
+    proc = run_module("train.bench", "model=deepseek_tiny", "model.mtp.depth=0", "model.vocab_size=8192",
+                      "bench.steps=1", "bench.warmup=0", "bench.seq_len=64", "bench.micro_batch_size=2",
+                      "bench.peer=false")  # fmt: skip
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(proc.stdout.strip().splitlines()[-1])
+    [(_label, plan_cfg, seconds)] = load_records([str(bench)], str(CONFIGS / "cluster" / "cpu.yaml"))
+    assert (plan_cfg.model.mtp.depth, plan_cfg.model.vocab_size, plan_cfg.model.name) == (0, 8192, "deepseek_tiny")
+    assert (plan_cfg.seq_len, plan_cfg.micro_batch_size) == (64, 2) and seconds > 0
+
+
 def test_fit_efficiency_recovers_the_cpu_overheads_and_latency():
     """Step times the cpu preset itself predicts for 1, 2 and 4 ranks with 1 to 4 micro-steps are fitted back to its
     elementwise traffic, per-step and per-micro-step overheads and collective latency."""

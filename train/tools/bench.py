@@ -112,6 +112,8 @@ def measure(
         "device": device_name(device),
         "torch": torch.__version__,
         "model": cfg.name,
+        "vocab_size": cfg.vocab_size,
+        "model_config": dataclasses.asdict(cfg),  # the architecture timed, command-line overrides included
         "params": num_params(model),
         "seq_len": bc.seq_len,
         "micro_batch_size": bc.micro_batch_size,
